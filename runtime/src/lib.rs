@@ -1,1 +1,96 @@
+//! Runtimes: how a notebook's Sail (Spark Connect) server and Marimo server come to exist.
+//!
+//! The control plane owns the lifecycle state machine (`stopped → starting → running → …`) and
+//! the retries; a [`Runtime`] only does one provisioning attempt at a time, tears down, checks
+//! health and reconciles. Implementations: `local` (child processes, the embedded default) and
+//! `kube` (pods and Services in a namespace).
 #![forbid(unsafe_code)]
+
+use async_trait::async_trait;
+use marina_config::workload::SailConfig;
+use marina_config::Id;
+
+/// What to provision.
+#[derive(Clone, Debug)]
+pub struct StartSpec {
+    pub notebook_id: Id,
+    /// New on every start; lets a runtime tell one incarnation from the next.
+    pub session_id: Id,
+    pub sail: SailConfig,
+    /// Marimo's `--base-url` (path mode), e.g. `/notebooks/A1B2C3D4E5`.
+    pub base_url: Option<String>,
+    /// 1 for the first attempt of this start.
+    pub attempt: u32,
+}
+
+/// Where a started notebook's Marimo server answers, and the credential it wants.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    /// `host:port` of the Marimo server.
+    pub upstream: String,
+    /// Marimo's token; sent upstream as `Authorization: Bearer` by the edge only.
+    pub token: String,
+}
+
+/// A notebook the store believes is provisioned.
+#[derive(Clone, Debug)]
+pub struct Expected {
+    pub notebook_id: Id,
+    pub session_id: Id,
+    pub endpoint: Option<Endpoint>,
+}
+
+/// Health of a provisioned notebook.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Health {
+    /// Both servers answer their health checks.
+    Healthy,
+    /// Still coming up (pods pending, process not listening yet).
+    Pending,
+    /// It is gone or broken for good; the message says why (exit status, log tail, reason).
+    Failed(String),
+    /// Nothing is provisioned for this notebook.
+    Missing,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The Python environment (local) could not be prepared.
+    #[error("environment: {0}")]
+    Environment(String),
+    /// This attempt failed; the message is for the notebook's `statusMessage`.
+    #[error("{0}")]
+    StartFailed(String),
+    /// The backing system (process table, Kubernetes API) failed.
+    #[error("runtime backend: {0}")]
+    Backend(String),
+}
+
+/// One way of running notebooks. Implementations must be idempotent: `start` after a crashed
+/// attempt, `stop` of something already gone, and `reconcile` at any time are all safe.
+#[async_trait]
+pub trait Runtime: Send + Sync + 'static {
+    /// A short name for logs and metrics (`local`, `kubernetes`).
+    fn name(&self) -> &'static str;
+
+    /// Prepares what every notebook needs (the local Python environment). May take minutes on
+    /// first use and reports progress through `tracing`; later calls return at once.
+    async fn prepare(&self) -> Result<(), RuntimeError>;
+
+    /// One provisioning attempt: provision both servers and return once both answer their
+    /// health checks. The caller bounds it with the start timeout and calls [`Runtime::stop`]
+    /// after a failure or timeout, before retrying.
+    async fn start(&self, spec: &StartSpec) -> Result<Endpoint, RuntimeError>;
+
+    /// Tears down everything of this notebook (process trees, pods, services, Sail workers).
+    /// Returns once it is gone. Stopping what does not exist is not an error.
+    async fn stop(&self, notebook_id: Id) -> Result<(), RuntimeError>;
+
+    /// Health of a provisioned notebook, checked periodically while it is running.
+    async fn health(&self, notebook_id: Id) -> Result<Health, RuntimeError>;
+
+    /// Makes what runs match `expected`: tears down anything this runtime manages that is not
+    /// expected (orphans after a crash, leftovers of deleted notebooks) and returns the ids of
+    /// the expected notebooks that are alive and adopted. Called at start-up and periodically.
+    async fn reconcile(&self, expected: &[Expected]) -> Result<Vec<Id>, RuntimeError>;
+}
