@@ -1,0 +1,1 @@
+//! Marina's load harness.
