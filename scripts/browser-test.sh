@@ -24,9 +24,11 @@ cargo build --bin marina
 
 data=$(mktemp -d /tmp/marina-browser-test.XXXXXX)
 mkdir -p "$artifacts"
+# A short idle_after, so that the tests see a shown but untouched notebook become idle; exported,
+# so that run.mjs knows it too.
+export MARINA_CONTROL__IDLE_AFTER_SECONDS=${MARINA_CONTROL__IDLE_AFTER_SECONDS:-10}
 # Its own process group (setsid), so that stopping it takes everything it started.
 MARINA_RUNTIME__LOCAL__VENV_DIR="$root/.venv" \
-MARINA_CONTROL__IDLE_AFTER_SECONDS=10 \
 MARINA_PROXY__ADMIN_LISTEN="127.0.0.1:$admin_port" \
   setsid target/debug/marina serve --data-dir "$data" \
     --control-listen "127.0.0.1:$control_port" --proxy-listen "127.0.0.1:$edge_port" \
