@@ -1,1 +1,264 @@
+//! Marina's control plane: the REST API that creates, shares, starts, stops and opens
+//! notebooks, the lifecycle that drives a [`marina_runtime::Runtime`], and the internal API the
+//! edge reads its routes from and reports activity to.
+//!
+//! Layout:
+//! - [`api`]: the router and its handlers (`notebooks`, `configs`, `iam`, `internal`, `ops`),
+//!   and the generated OpenAPI document.
+//! - [`auth`]: API keys (hashed), the member principal extractor, the edge's internal token,
+//!   per-key rate limiting.
+//! - [`db`]: the sqlx `Any` pool on SQLite or PostgreSQL, the embedded migrations, leases.
+//! - [`error`]: `ApiError` (the one error shape of the API) and `ControlError`.
+//! - [`extract`]: the JSON body, list parameter and path id extractors.
+//! - [`lifecycle`]: the state machine, the runtime driver, the monitor, reconciliation.
+//! - [`model`]: the API's JSON shapes, field for field as the seed document shows them.
+//! - [`state`]: the shared state and the Prometheus metrics.
+//! - [`tokens`]: the Ed25519 URL-token signer and its key files.
+//!
+//! Architecture invariants: this crate never depends on `marina-proxy` (they share only
+//! `marina_config::wire`); every tenancy check is in SQL (a caller never loads another
+//! organization's rows); secrets (API keys, the internal token, Marimo tokens, URL tokens) are
+//! never logged.
 #![forbid(unsafe_code)]
+
+pub mod api;
+pub mod auth;
+pub mod db;
+pub mod error;
+pub mod extract;
+pub mod lifecycle;
+pub mod model;
+pub mod state;
+pub mod tokens;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use marina_config::{Id, Settings};
+use marina_runtime::Runtime;
+
+pub use error::{ApiError, ControlError};
+pub use state::AppState;
+
+use crate::db::Db;
+use crate::state::{Inner, Metrics};
+
+/// What the start that found an empty database created.
+#[derive(Clone, Debug)]
+pub struct Bootstrap {
+    /// The file (mode 0600) holding the first admin's API key.
+    pub admin_key_file: PathBuf,
+    pub organization_id: Id,
+    pub admin_member_id: Id,
+}
+
+/// The control plane, opened and ready to serve.
+pub struct ControlPlane {
+    state: AppState,
+    bootstrap: Option<Bootstrap>,
+}
+
+/// Marker row of the empty-database bootstrap.
+const BOOTSTRAP_MARKER: &str = "bootstrap";
+
+impl ControlPlane {
+    /// Connects to the DB, migrates, loads/generates keys and the internal token, bootstraps an
+    /// empty DB.
+    pub async fn open(
+        settings: &Settings,
+        runtime: Arc<dyn Runtime>,
+    ) -> Result<ControlPlane, ControlError> {
+        let db = Db::connect(&settings.database_url(), settings.database.max_connections).await?;
+        let signer = tokens::Signer::load(settings)?;
+        let internal_token = if settings.internal.token.is_empty() {
+            let path = settings.data_dir.join("internal-token");
+            marina_config::secrets::load_or_create_hex(&path, 32).map_err(|source| {
+                ControlError::File {
+                    what: "internal token",
+                    path,
+                    source,
+                }
+            })?
+        } else {
+            settings.internal.token.clone()
+        };
+
+        let bootstrap = Self::bootstrap_if_empty(&db, settings).await?;
+        let state = AppState(Arc::new(Inner {
+            db,
+            settings: settings.clone(),
+            runtime,
+            signer,
+            internal_token,
+            limiter: auth::RateLimiter::new(settings.control.rate_limit_per_second),
+            metrics: Metrics::new(),
+            routes_changed: tokio::sync::Notify::new(),
+            driver: lifecycle::Driver::default(),
+            instance_id: format!("{}-{}", std::process::id(), Id::random()),
+        }));
+        Ok(ControlPlane { state, bootstrap })
+    }
+
+    async fn bootstrap_if_empty(
+        db: &Db,
+        settings: &Settings,
+    ) -> Result<Option<Bootstrap>, ControlError> {
+        let orgs: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM organizations")
+            .fetch_one(&db.pool)
+            .await?;
+        if orgs > 0 {
+            return Ok(None);
+        }
+        let Some(new) =
+            api::iam::create_organization(db, "default", "admin", Some(BOOTSTRAP_MARKER)).await?
+        else {
+            return Ok(None);
+        };
+        let path = settings.data_dir.join("admin-api-key");
+        marina_config::secrets::write_private(&path, format!("{}\n", new.admin_key).as_bytes())
+            .map_err(|source| ControlError::File {
+                what: "admin API key",
+                path: path.clone(),
+                source,
+            })?;
+        Ok(Some(Bootstrap {
+            admin_key_file: path,
+            organization_id: new.organization_id,
+            admin_member_id: new.admin_member_id,
+        }))
+    }
+
+    /// Set on the start that created the first admin: where the key file is.
+    pub fn bootstrap(&self) -> Option<&Bootstrap> {
+        self.bootstrap.as_ref()
+    }
+
+    /// The shared state (for tests and embedding).
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// The full router (public API, internal API, metrics, openapi, optional host page).
+    pub fn router(&self) -> axum::Router {
+        api::router(self.state.clone())
+    }
+
+    /// Reconciles with the runtime, then runs the lifecycle monitor in the background; stops
+    /// it when the returned guard is dropped. [`ControlPlane::serve`] does this itself; use
+    /// this when serving the router some other way.
+    pub async fn start_background(&self) -> BackgroundGuard {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let state = self.state.clone();
+        // Reconcile only as the monitor's leaseholder: with several control replicas, one of
+        // them settles the store, not all at once.
+        let lease_ms = (state.settings.control.monitor_interval_ms as i64 * 5).max(2000);
+        match state
+            .db
+            .try_lease("monitor", &state.instance_id, lease_ms)
+            .await
+        {
+            Ok(true) => {
+                if let Err(e) = lifecycle::reconcile_at_start(&state).await {
+                    tracing::error!(error = %e, "reconciling with the runtime at start-up");
+                }
+            }
+            Ok(false) => tracing::info!("another control replica runs the monitor"),
+            Err(e) => tracing::warn!(error = %e, "monitor lease"),
+        }
+        let task = tokio::spawn(lifecycle::run_monitor(state, rx));
+        BackgroundGuard {
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// Serves on `listener` and runs the lifecycle driver/monitor until `shutdown` resolves.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ControlError> {
+        let mut background = self.start_background().await;
+        let router = self.router();
+        let result = axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown)
+            .await
+            .map_err(ControlError::Serve);
+        background.stop().await;
+        result
+    }
+
+    /// Admin CLI: a new API key for `member` (or the first admin when None); returns the secret.
+    pub async fn create_api_key(
+        &self,
+        member: Option<Id>,
+        name: &str,
+    ) -> Result<String, ControlError> {
+        let db = &self.state.db;
+        let member = match member {
+            Some(m) => {
+                let found: Option<String> =
+                    sqlx::query_scalar("SELECT id FROM members WHERE id = $1")
+                        .bind(m.to_string())
+                        .fetch_optional(&db.pool)
+                        .await?;
+                found.ok_or(ControlError::NoSuchMember(m))?;
+                m
+            }
+            None => {
+                let first: Option<String> = sqlx::query_scalar(
+                    "SELECT id FROM members WHERE role = 'admin' ORDER BY created_at, id LIMIT 1",
+                )
+                .fetch_optional(&db.pool)
+                .await?;
+                let first = first.ok_or(ControlError::NoAdmin)?;
+                Id::parse(&first).map_err(|_| ControlError::NoAdmin)?
+            }
+        };
+        let (_, secret) = api::iam::insert_api_key(db, member, name, None).await?;
+        Ok(secret)
+    }
+
+    /// Creates another organization with its first admin; returns (organization, admin, the
+    /// admin's API key secret). For the admin CLI and multi-tenant tests.
+    pub async fn create_organization(
+        &self,
+        name: &str,
+        admin_name: &str,
+    ) -> Result<(Id, Id, String), ControlError> {
+        let new = api::iam::create_organization(&self.state.db, name, admin_name, None)
+            .await?
+            .ok_or(ControlError::NoAdmin)?;
+        Ok((new.organization_id, new.admin_member_id, new.admin_key))
+    }
+}
+
+/// Stops the background monitor when dropped or when [`BackgroundGuard::stop`] is awaited.
+pub struct BackgroundGuard {
+    stop: Option<tokio::sync::watch::Sender<bool>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl BackgroundGuard {
+    /// Signals the monitor and waits for it to finish its current tick.
+    pub async fn stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(true);
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for BackgroundGuard {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(true);
+        }
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}

@@ -1,0 +1,247 @@
+//! Who is calling: API keys for members, the internal token for edges.
+//!
+//! Authentication is an extractor, so a handler that takes a [`Principal`] (or [`Edge`])
+//! cannot run for an unauthenticated request. The two credentials never overlap: the internal
+//! token is not an API key (it hashes to nothing in `api_keys`), and [`Edge`] compares only
+//! against the internal token, so a member's key is refused on `/internal/v1/*` and the edge's
+//! token on the public API.
+//!
+//! API keys are `mk_` + 43 characters of URL-safe base64 (256 random bits). Only the SHA-256
+//! of a key is stored; a lookup hashes the presented secret and finds the row by its unique
+//! hash, so comparing secrets never happens in Rust and leaks no timing about them.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use axum::extract::FromRequestParts;
+use axum::http::header::AUTHORIZATION;
+use axum::http::request::Parts;
+use base64::Engine;
+use marina_config::Id;
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use sqlx::Row;
+
+use crate::db::{get_id, now_ms};
+use crate::error::ApiError;
+use crate::model::Role;
+use crate::state::AppState;
+
+/// An authenticated member.
+#[derive(Clone, Debug)]
+pub struct Principal {
+    pub member_id: Id,
+    pub org_id: Id,
+    pub role: Role,
+    /// Teams the member belongs to, sorted.
+    pub team_ids: Vec<Id>,
+    /// The key used (rate limits are per key).
+    pub key_id: Id,
+}
+
+impl Principal {
+    pub fn is_admin(&self) -> bool {
+        self.role == Role::Admin
+    }
+
+    pub fn in_team(&self, team: Id) -> bool {
+        self.team_ids.binary_search(&team).is_ok()
+    }
+
+    /// 403 unless the caller is an org admin.
+    pub fn require_admin(&self) -> Result<(), ApiError> {
+        if self.is_admin() {
+            Ok(())
+        } else {
+            Err(ApiError::Forbidden("only organization admins may do this"))
+        }
+    }
+}
+
+/// A new API key secret.
+pub fn new_secret() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    format!(
+        "mk_{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    )
+}
+
+/// What is stored for a secret.
+pub fn hash_secret(secret: &str) -> String {
+    let digest = Sha256::digest(secret.as_bytes());
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The visible start of a secret (`mk_AbCdEfGh`), for listing keys.
+pub fn secret_prefix(secret: &str) -> String {
+    secret.chars().take(11).collect()
+}
+
+fn bearer(parts: &Parts) -> Option<&str> {
+    let value = parts.headers.get(AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let token = token.trim();
+    (!token.is_empty()).then_some(token)
+}
+
+impl FromRequestParts<AppState> for Principal {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let secret = bearer(parts).ok_or(ApiError::Unauthenticated)?;
+        // Cheap shape check first: garbage never reaches the database.
+        if !secret.starts_with("mk_") || secret.len() > 128 {
+            return Err(ApiError::Unauthenticated);
+        }
+        let principal = lookup_key(state, &hash_secret(secret))
+            .await?
+            .ok_or(ApiError::Unauthenticated)?;
+        if !state.limiter.allow(principal.key_id) {
+            return Err(ApiError::RateLimited);
+        }
+        Ok(principal)
+    }
+}
+
+/// One round trip: the key, its member and the member's teams.
+async fn lookup_key(state: &AppState, hash: &str) -> Result<Option<Principal>, ApiError> {
+    let rows = sqlx::query(
+        "SELECT k.id AS key_id, m.id AS member_id, m.org_id, m.role, tm.team_id
+         FROM api_keys k
+         JOIN members m ON m.id = k.member_id
+         LEFT JOIN team_members tm ON tm.member_id = m.id
+         WHERE k.hash = $1",
+    )
+    .bind(hash)
+    .fetch_all(&state.db.pool)
+    .await?;
+    let Some(first) = rows.first() else {
+        return Ok(None);
+    };
+    let role: String = first.try_get("role")?;
+    let mut team_ids = Vec::with_capacity(rows.len());
+    for row in &rows {
+        if let Some(t) = row.try_get::<Option<String>, _>("team_id")? {
+            team_ids
+                .push(Id::parse(&t).map_err(|_| ApiError::Internal(format!("bad team id {t:?}")))?);
+        }
+    }
+    team_ids.sort();
+    Ok(Some(Principal {
+        key_id: get_id(first, "key_id")?,
+        member_id: get_id(first, "member_id")?,
+        org_id: get_id(first, "org_id")?,
+        role: Role::parse(&role).ok_or_else(|| ApiError::Internal(format!("bad role {role:?}")))?,
+        team_ids,
+    }))
+}
+
+/// An authenticated edge replica (the internal token).
+#[derive(Clone, Copy, Debug)]
+pub struct Edge;
+
+impl FromRequestParts<AppState> for Edge {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let token = bearer(parts).ok_or(ApiError::Unauthenticated)?;
+        if constant_time_eq(token.as_bytes(), state.internal_token.as_bytes()) {
+            Ok(Edge)
+        } else {
+            Err(ApiError::Unauthenticated)
+        }
+    }
+}
+
+/// Compares without an early exit, so the time taken says nothing about where they differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Requests per second per API key: a fixed one-second window per key.
+///
+/// Sharded std mutexes: a request holds one shard's lock for a hash-map lookup and an
+/// increment (no `.await` inside), so contention is negligible and there is no lock shared by
+/// every request. Windows of keys idle for a while are dropped when their shard is touched.
+pub struct RateLimiter {
+    per_second: u32,
+    shards: Vec<Mutex<HashMap<Id, (i64, u32)>>>,
+}
+
+const SHARDS: usize = 16;
+
+impl RateLimiter {
+    pub fn new(per_second: u32) -> RateLimiter {
+        RateLimiter {
+            per_second,
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+        }
+    }
+
+    /// Counts one request of `key`; false when it is over the limit this second.
+    pub fn allow(&self, key: Id) -> bool {
+        if self.per_second == 0 {
+            return true;
+        }
+        let second = now_ms() / 1000;
+        let shard = key
+            .as_str()
+            .bytes()
+            .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize))
+            % SHARDS;
+        // A poisoned shard only means another request panicked mid-increment; the counts are
+        // still usable.
+        let mut map = self.shards[shard]
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        if map.len() > 10_000 {
+            map.retain(|_, (s, _)| *s >= second - 1);
+        }
+        let entry = map.entry(key).or_insert((second, 0));
+        if entry.0 != second {
+            *entry = (second, 0);
+        }
+        entry.1 += 1;
+        entry.1 <= self.per_second
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_and_hashes() {
+        let s = new_secret();
+        assert!(s.starts_with("mk_") && s.len() == 46, "{s}");
+        assert_ne!(s, new_secret());
+        assert_eq!(hash_secret(&s).len(), 64);
+        assert_eq!(hash_secret(&s), hash_secret(&s));
+    }
+
+    #[test]
+    fn limiter_counts_per_key() {
+        let l = RateLimiter::new(3);
+        let (a, b) = (Id::random(), Id::random());
+        let allowed = (0..5).filter(|_| l.allow(a)).count();
+        // A second boundary may fall inside the loop; then up to 3 more pass.
+        assert!((3..=5).contains(&allowed), "{allowed}");
+        assert!(l.allow(b));
+        assert!(RateLimiter::new(0).allow(a));
+    }
+
+    #[test]
+    fn eq() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+}

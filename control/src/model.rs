@@ -1,0 +1,601 @@
+//! The API's JSON shapes, field for field as the seed document shows them, and the row
+//! mappers that build them from the store.
+//!
+//! Output types serialize camelCase; nullable fields are `null`, never omitted. Input types
+//! (`*Body`) reject unknown fields, so a typo is a 400 naming the field instead of a silent
+//! no-op.
+
+use marina_config::workload::SailConfig;
+use marina_config::Id;
+use serde::{Deserialize, Serialize};
+use sqlx::any::AnyRow;
+use sqlx::Row;
+use utoipa::ToSchema;
+
+use crate::db::{get_id, get_opt_id, rfc3339};
+use crate::error::StoreError;
+
+/// Lifecycle states of a notebook.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Stopped,
+    Starting,
+    Running,
+    Idle,
+    Detached,
+    Stopping,
+    Failed,
+}
+
+impl Status {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Status::Stopped => "stopped",
+            Status::Starting => "starting",
+            Status::Running => "running",
+            Status::Idle => "idle",
+            Status::Detached => "detached",
+            Status::Stopping => "stopping",
+            Status::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Status> {
+        Some(match s {
+            "stopped" => Status::Stopped,
+            "starting" => Status::Starting,
+            "running" => Status::Running,
+            "idle" => Status::Idle,
+            "detached" => Status::Detached,
+            "stopping" => Status::Stopping,
+            "failed" => Status::Failed,
+            _ => return None,
+        })
+    }
+
+    pub const ALL: [Status; 7] = [
+        Status::Stopped,
+        Status::Starting,
+        Status::Running,
+        Status::Idle,
+        Status::Detached,
+        Status::Stopping,
+        Status::Failed,
+    ];
+
+    /// Provisioned and serving: routed by the edge, may be opened and pinged.
+    pub fn is_up(self) -> bool {
+        matches!(self, Status::Running | Status::Idle | Status::Detached)
+    }
+}
+
+/// SQL list of the states in which a notebook is up (routed).
+pub const UP_STATES: &str = "('running', 'idle', 'detached')";
+
+/// A member's role in their organization.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Admin,
+    Member,
+}
+
+impl Role {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Member => "member",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "admin" => Some(Role::Admin),
+            "member" => Some(Role::Member),
+            _ => None,
+        }
+    }
+}
+
+/// A notebook, the seed's flat shape (PATCH, start and stop return it alone).
+#[derive(Clone, Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Notebook {
+    #[schema(value_type = String, example = "A1B2C3D4E5")]
+    pub id: Id,
+    #[schema(value_type = String)]
+    pub member_id: Id,
+    #[schema(value_type = String)]
+    pub workload_config_id: Id,
+    pub name: String,
+    pub description: Option<String>,
+    pub status: Status,
+    pub status_message: Option<String>,
+    pub idle_timeout_seconds: i64,
+    /// Server-wide (`control.detached_timeout_seconds`).
+    pub detached_timeout_seconds: i64,
+    pub last_active_at: Option<String>,
+    #[schema(value_type = Option<String>)]
+    pub session_id: Option<Id>,
+    pub created_at: String,
+    #[schema(value_type = Option<String>)]
+    pub created_by: Option<Id>,
+    pub updated_at: String,
+    #[schema(value_type = Option<String>)]
+    pub updated_by: Option<Id>,
+    /// Not serialized: the organization, for tenancy checks.
+    #[serde(skip)]
+    pub org_id: Id,
+    #[serde(skip)]
+    pub created_at_ms: i64,
+}
+
+/// Columns [`Notebook::from_row`] reads, prefixed with `n.`.
+pub const NOTEBOOK_COLUMNS: &str = "n.id, n.org_id, n.member_id, n.workload_config_id, n.name, n.description, n.status, n.status_message, n.idle_timeout_seconds, n.last_active_at, n.session_id, n.created_at, n.created_by, n.updated_at, n.updated_by";
+
+impl Notebook {
+    pub fn from_row(row: &AnyRow, detached_timeout_seconds: i64) -> Result<Notebook, StoreError> {
+        let status: String = row.try_get("status")?;
+        let created_at: i64 = row.try_get("created_at")?;
+        Ok(Notebook {
+            id: get_id(row, "id")?,
+            org_id: get_id(row, "org_id")?,
+            member_id: get_id(row, "member_id")?,
+            workload_config_id: get_id(row, "workload_config_id")?,
+            name: row.try_get("name")?,
+            description: row.try_get("description")?,
+            status: Status::parse(&status).ok_or(StoreError::Corrupt {
+                column: "status",
+                value: status,
+            })?,
+            status_message: row.try_get("status_message")?,
+            idle_timeout_seconds: row.try_get("idle_timeout_seconds")?,
+            detached_timeout_seconds,
+            last_active_at: row
+                .try_get::<Option<i64>, _>("last_active_at")?
+                .map(rfc3339),
+            session_id: get_opt_id(row, "session_id")?,
+            created_at: rfc3339(created_at),
+            created_at_ms: created_at,
+            created_by: get_opt_id(row, "created_by")?,
+            updated_at: rfc3339(row.try_get("updated_at")?),
+            updated_by: get_opt_id(row, "updated_by")?,
+        })
+    }
+}
+
+/// A notebook in a list: the normalized reference (`included` holds the objects).
+#[derive(Clone, Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NotebookItem {
+    #[schema(value_type = String)]
+    pub notebook_id: Id,
+    #[schema(value_type = Vec<String>)]
+    pub team_ids: Vec<Id>,
+    #[schema(value_type = String)]
+    pub workload_config_id: Id,
+}
+
+/// A team.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Team {
+    #[schema(value_type = String)]
+    pub id: Id,
+    #[schema(value_type = String)]
+    pub organization_id: Id,
+    pub name: String,
+    pub created_at: String,
+    #[schema(value_type = Option<String>)]
+    pub created_by: Option<Id>,
+    pub updated_at: String,
+    #[schema(value_type = Option<String>)]
+    pub updated_by: Option<Id>,
+    /// Marina has no per-team roles (org roles only): always `null`.
+    #[schema(value_type = Option<String>)]
+    pub default_role_id: Option<Id>,
+    #[serde(skip)]
+    pub created_at_ms: i64,
+}
+
+impl Team {
+    pub fn from_row(row: &AnyRow) -> Result<Team, StoreError> {
+        let created_at: i64 = row.try_get("created_at")?;
+        Ok(Team {
+            id: get_id(row, "id")?,
+            organization_id: get_id(row, "org_id")?,
+            name: row.try_get("name")?,
+            created_at: rfc3339(created_at),
+            created_at_ms: created_at,
+            created_by: get_opt_id(row, "created_by")?,
+            updated_at: rfc3339(row.try_get("updated_at")?),
+            updated_by: get_opt_id(row, "updated_by")?,
+            default_role_id: None,
+        })
+    }
+}
+
+/// A team with its member count (`included.teams`).
+#[derive(Clone, Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TeamWithCount {
+    pub team: Team,
+    pub member_count: i64,
+}
+
+/// Limits on a notebook's endpoints. `spark_connect`: most concurrent Spark Connect sessions
+/// on the notebook's Sail server (0: unlimited).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointLimits {
+    #[serde(default)]
+    pub spark_connect: u32,
+}
+
+/// `config` of a workload config: `{ "sail": … }`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadConfigBody {
+    #[schema(value_type = Object)]
+    pub sail: SailConfig,
+}
+
+/// A workload config.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadConfig {
+    #[schema(value_type = String)]
+    pub id: Id,
+    pub name: String,
+    pub workload_type: String,
+    #[schema(value_type = Option<String>)]
+    pub cluster_id: Option<Id>,
+    pub config: WorkloadConfigBody,
+    pub endpoint_limits: EndpointLimits,
+    pub created_at: String,
+    #[schema(value_type = Option<String>)]
+    pub created_by: Option<Id>,
+    pub updated_at: String,
+    #[schema(value_type = Option<String>)]
+    pub updated_by: Option<Id>,
+    #[serde(skip)]
+    pub created_at_ms: i64,
+}
+
+impl WorkloadConfig {
+    pub fn from_row(row: &AnyRow) -> Result<WorkloadConfig, StoreError> {
+        let config: String = row.try_get("config")?;
+        let limits: String = row.try_get("endpoint_limits")?;
+        let created_at: i64 = row.try_get("created_at")?;
+        Ok(WorkloadConfig {
+            id: get_id(row, "id")?,
+            name: row.try_get("name")?,
+            workload_type: row.try_get("workload_type")?,
+            cluster_id: get_opt_id(row, "cluster_id")?,
+            config: serde_json::from_str(&config).map_err(|_| StoreError::Corrupt {
+                column: "workload_configs.config",
+                value: config.clone(),
+            })?,
+            endpoint_limits: serde_json::from_str(&limits).map_err(|_| StoreError::Corrupt {
+                column: "workload_configs.endpoint_limits",
+                value: limits.clone(),
+            })?,
+            created_at: rfc3339(created_at),
+            created_at_ms: created_at,
+            created_by: get_opt_id(row, "created_by")?,
+            updated_at: rfc3339(row.try_get("updated_at")?),
+            updated_by: get_opt_id(row, "updated_by")?,
+        })
+    }
+}
+
+/// What list and describe responses carry besides the items, each object once.
+#[derive(Clone, Debug, Default, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Included {
+    pub notebooks: Vec<Notebook>,
+    pub teams: Vec<TeamWithCount>,
+    pub workload_configs: Vec<WorkloadConfig>,
+}
+
+/// `GET /workloads/notebooks`, `GET /workloads/teams/{team}/notebooks`.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NotebookList {
+    /// Every notebook the caller can see (not just this page).
+    pub total: i64,
+    pub items: Vec<NotebookItem>,
+    pub included: Included,
+    /// Pass as `pageToken` for the next page; `null` on the last page.
+    pub next_page_token: Option<String>,
+}
+
+/// `POST /workloads/notebooks`, `GET /workloads/notebooks/{notebook}`.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NotebookOne {
+    pub item: NotebookItem,
+    pub included: Included,
+}
+
+/// A team's access to a notebook.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NotebookTeam {
+    #[schema(value_type = String)]
+    pub notebook_id: Id,
+    #[schema(value_type = String)]
+    pub team_id: Id,
+    pub created_at: String,
+    #[schema(value_type = Option<String>)]
+    pub created_by: Option<Id>,
+    pub updated_at: String,
+    #[schema(value_type = Option<String>)]
+    pub updated_by: Option<Id>,
+}
+
+impl NotebookTeam {
+    pub fn from_row(row: &AnyRow) -> Result<NotebookTeam, StoreError> {
+        Ok(NotebookTeam {
+            notebook_id: get_id(row, "notebook_id")?,
+            team_id: get_id(row, "team_id")?,
+            created_at: rfc3339(row.try_get("created_at")?),
+            created_by: get_opt_id(row, "created_by")?,
+            updated_at: rfc3339(row.try_get("updated_at")?),
+            updated_by: get_opt_id(row, "updated_by")?,
+        })
+    }
+}
+
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct NotebookTeamList {
+    pub items: Vec<NotebookTeam>,
+}
+
+/// `POST /workloads/notebooks/{notebook}/open`.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct OpenUrl {
+    /// The edge's one-time handshake URL; valid 5 minutes, usable once.
+    pub url: String,
+}
+
+/// A member of an organization.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Member {
+    #[schema(value_type = String)]
+    pub id: Id,
+    #[schema(value_type = String)]
+    pub organization_id: Id,
+    pub name: String,
+    pub email: Option<String>,
+    pub role: Role,
+    pub created_at: String,
+    #[schema(value_type = Option<String>)]
+    pub created_by: Option<Id>,
+    pub updated_at: String,
+    #[schema(value_type = Option<String>)]
+    pub updated_by: Option<Id>,
+    #[serde(skip)]
+    pub created_at_ms: i64,
+}
+
+impl Member {
+    pub fn from_row(row: &AnyRow) -> Result<Member, StoreError> {
+        let role: String = row.try_get("role")?;
+        let created_at: i64 = row.try_get("created_at")?;
+        Ok(Member {
+            id: get_id(row, "id")?,
+            organization_id: get_id(row, "org_id")?,
+            name: row.try_get("name")?,
+            email: row.try_get("email")?,
+            role: Role::parse(&role).ok_or(StoreError::Corrupt {
+                column: "members.role",
+                value: role,
+            })?,
+            created_at: rfc3339(created_at),
+            created_at_ms: created_at,
+            created_by: get_opt_id(row, "created_by")?,
+            updated_at: rfc3339(row.try_get("updated_at")?),
+            updated_by: get_opt_id(row, "updated_by")?,
+        })
+    }
+}
+
+/// An API key's metadata (never its secret, which only the creation response carries).
+#[derive(Clone, Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiKey {
+    #[schema(value_type = String)]
+    pub id: Id,
+    #[schema(value_type = String)]
+    pub member_id: Id,
+    pub name: String,
+    /// The first characters of the secret, to recognise it.
+    pub prefix: String,
+    pub created_at: String,
+    #[schema(value_type = Option<String>)]
+    pub created_by: Option<Id>,
+}
+
+impl ApiKey {
+    pub fn from_row(row: &AnyRow) -> Result<ApiKey, StoreError> {
+        Ok(ApiKey {
+            id: get_id(row, "id")?,
+            member_id: get_id(row, "member_id")?,
+            name: row.try_get("name")?,
+            prefix: row.try_get("prefix")?,
+            created_at: rfc3339(row.try_get("created_at")?),
+            created_by: get_opt_id(row, "created_by")?,
+        })
+    }
+}
+
+/// Team membership.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TeamMember {
+    #[schema(value_type = String)]
+    pub team_id: Id,
+    #[schema(value_type = String)]
+    pub member_id: Id,
+    pub created_at: String,
+    #[schema(value_type = Option<String>)]
+    pub created_by: Option<Id>,
+}
+
+/// `GET /iam/me`.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Me {
+    pub member: Member,
+    #[schema(value_type = Vec<String>)]
+    pub team_ids: Vec<Id>,
+}
+
+/// A page of `T` (IAM lists and workload configs).
+#[derive(Clone, Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Page<T: ToSchema> {
+    pub total: i64,
+    pub items: Vec<T>,
+    pub next_page_token: Option<String>,
+}
+
+/// A list without pagination.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct Items<T: ToSchema> {
+    pub items: Vec<T>,
+}
+
+/// `POST …/api-keys`: the key and, this once, its secret.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CreatedApiKey {
+    pub api_key: ApiKey,
+    /// The bearer secret. Shown only here; only its hash is stored.
+    pub secret: String,
+}
+
+// === Request bodies ===
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreateNotebookBody {
+    #[schema(value_type = String)]
+    pub workload_config_id: Id,
+    pub name: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Default 3600; 0 disables the idle stop.
+    #[serde(default)]
+    pub idle_timeout_seconds: Option<i64>,
+    #[serde(default)]
+    #[schema(value_type = Vec<String>)]
+    pub team_ids: Vec<Id>,
+}
+
+/// Absent fields are left alone; `description: null` clears it.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UpdateNotebookBody {
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    pub workload_config_id: Option<Id>,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<String>)]
+    pub description: Option<Option<String>>,
+    #[serde(default)]
+    pub idle_timeout_seconds: Option<i64>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TeamIdsBody {
+    #[schema(value_type = Vec<String>)]
+    pub team_ids: Vec<Id>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreateWorkloadConfigBody {
+    pub name: String,
+    /// Default `notebook`.
+    #[serde(default)]
+    pub workload_type: Option<String>,
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    pub cluster_id: Option<Id>,
+    pub config: WorkloadConfigBody,
+    #[serde(default)]
+    pub endpoint_limits: Option<EndpointLimits>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UpdateWorkloadConfigBody {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub workload_type: Option<String>,
+    #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<String>)]
+    pub cluster_id: Option<Option<Id>>,
+    #[serde(default)]
+    pub config: Option<WorkloadConfigBody>,
+    #[serde(default)]
+    pub endpoint_limits: Option<EndpointLimits>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreateMemberBody {
+    pub name: String,
+    #[serde(default)]
+    pub email: Option<String>,
+    /// Default `member`.
+    #[serde(default)]
+    pub role: Option<Role>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UpdateMemberBody {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<String>)]
+    pub email: Option<Option<String>>,
+    #[serde(default)]
+    pub role: Option<Role>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TeamBody {
+    pub name: String,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MemberIdsBody {
+    #[schema(value_type = Vec<String>)]
+    pub member_ids: Vec<Id>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreateApiKeyBody {
+    pub name: String,
+}
+
+/// Tells "absent" (outer `None`) from "null" (`Some(None)`).
+fn double_option<'de, T, D>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    T: Deserialize<'de>,
+    D: serde::Deserializer<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
+}
