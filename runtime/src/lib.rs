@@ -2,9 +2,22 @@
 //!
 //! The control plane owns the lifecycle state machine (`stopped → starting → running → …`) and
 //! the retries; a [`Runtime`] only does one provisioning attempt at a time, tears down, checks
-//! health and reconciles. Implementations: `local` (child processes, the embedded default) and
-//! `kube` (pods and Services in a namespace).
+//! health and reconciles.
+//!
+//! Layout:
+//! - [`local`]: [`local::LocalRuntime`], each notebook as two child processes (Sail, Marimo)
+//!   from one shared virtualenv; the embedded default of `marina serve`.
+//!   - `local::env`: creating the pinned Python environment, with progress.
+//!   - `local::process`: process groups, their identity across restarts, teardown.
+//!   - `local::files`: the per-notebook directory (notebook file, logs, `run.json`).
+//! - [`kube`]: [`kube::KubeRuntime`], each notebook as a Sail pod and a Marimo pod with their
+//!   Services in one namespace.
+//!   - `kube::objects`: the pod, Service and Secret manifests built from the workload config.
+//!   - `kube::status`: reading pod status into ready / waiting / failed-with-a-reason.
 #![forbid(unsafe_code)]
+
+pub mod kube;
+pub mod local;
 
 use async_trait::async_trait;
 use marina_config::workload::SailConfig;

@@ -1,0 +1,156 @@
+//! The files of a local notebook, all under `DATA_DIR/notebooks/<ID>/`:
+//!
+//! - `notebook.py`: the notebook itself; created once with a default, kept across stops,
+//!   restarts and Marina upgrades (Marimo saves edits into it).
+//! - `run.json` (0600): what runs now (pids, ports, session id, Marimo token). Written when a
+//!   start spawns processes, removed when they are stopped. It is how a restarted Marina finds,
+//!   adopts or kills processes a crashed one left behind.
+//! - `marimo-token` (0600): the per-start token, passed to Marimo as a file so it never
+//!   appears on a command line.
+//! - `logs/sail.log`, `logs/marimo.log`: the servers' output, appended across starts.
+//! - `site/`: libraries from the workload config, installed with `pip --target`.
+
+use std::path::{Path, PathBuf};
+
+use marina_config::Id;
+use serde::{Deserialize, Serialize};
+
+use super::process::ProcId;
+
+/// The notebook a first start creates: Marimo's file format (a Python module with
+/// `@app.cell` functions), with a Spark session that reaches the notebook's own Sail server
+/// through `SPARK_REMOTE`.
+pub const DEFAULT_NOTEBOOK: &str = r#"import marimo
+
+__generated_with = "0.25.2"
+app = marimo.App(width="medium")
+
+
+@app.cell
+def _():
+    import marimo as mo
+    return (mo,)
+
+
+@app.cell
+def _():
+    # SPARK_REMOTE (set by Marina) points at this notebook's own Sail server.
+    from pyspark.sql import SparkSession
+
+    spark = SparkSession.builder.getOrCreate()
+    return (spark,)
+
+
+if __name__ == "__main__":
+    app.run()
+"#;
+
+/// Paths of one notebook.
+#[derive(Clone, Debug)]
+pub struct NotebookDir {
+    pub root: PathBuf,
+}
+
+impl NotebookDir {
+    pub fn new(notebooks_dir: &Path, id: Id) -> NotebookDir {
+        NotebookDir {
+            root: notebooks_dir.join(id.as_str()),
+        }
+    }
+    pub fn notebook(&self) -> PathBuf {
+        self.root.join("notebook.py")
+    }
+    pub fn run_file(&self) -> PathBuf {
+        self.root.join("run.json")
+    }
+    pub fn token_file(&self) -> PathBuf {
+        self.root.join("marimo-token")
+    }
+    pub fn logs(&self) -> PathBuf {
+        self.root.join("logs")
+    }
+    pub fn sail_log(&self) -> PathBuf {
+        self.logs().join("sail.log")
+    }
+    pub fn marimo_log(&self) -> PathBuf {
+        self.logs().join("marimo.log")
+    }
+    pub fn site(&self) -> PathBuf {
+        self.root.join("site")
+    }
+
+    /// Creates the directories and, on first use, the default notebook.
+    pub fn create(&self) -> std::io::Result<()> {
+        std::fs::create_dir_all(self.logs())?;
+        let nb = self.notebook();
+        if !nb.exists() {
+            std::fs::write(&nb, DEFAULT_NOTEBOOK)?;
+        }
+        Ok(())
+    }
+}
+
+/// One server process of a notebook.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerRecord {
+    #[serde(flatten)]
+    pub proc: ProcId,
+    pub port: u16,
+}
+
+/// `run.json`: a started notebook, as a later Marina process needs to find it again.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunRecord {
+    pub notebook_id: Id,
+    pub session_id: Id,
+    pub host: String,
+    pub base_url: Option<String>,
+    pub sail: ServerRecord,
+    /// `None` while only Sail has been spawned.
+    pub marimo: Option<ServerRecord>,
+    /// Marimo's token. The file is 0600, like every other secret Marina keeps.
+    pub token: String,
+}
+
+impl RunRecord {
+    pub fn read(path: &Path) -> std::io::Result<RunRecord> {
+        let text = std::fs::read_to_string(path)?;
+        serde_json::from_str(&text)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    }
+
+    pub fn write(&self, path: &Path) -> std::io::Result<()> {
+        let json = serde_json::to_vec_pretty(self)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        marina_config::secrets::write_private(path, &json)
+    }
+
+    /// The process groups to tear down.
+    pub fn groups(&self) -> Vec<ProcId> {
+        let mut g = vec![self.sail.proc.clone()];
+        if let Some(m) = &self.marimo {
+            g.push(m.proc.clone());
+        }
+        g
+    }
+
+    /// Marimo's health URL (under the base URL in path mode).
+    pub fn health_url(&self) -> Option<String> {
+        let m = self.marimo.as_ref()?;
+        Some(format!(
+            "http://{}{}/health",
+            host_port(&self.host, m.port),
+            self.base_url.as_deref().unwrap_or("")
+        ))
+    }
+}
+
+/// `host:port`, with brackets around an IPv6 host.
+pub fn host_port(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}

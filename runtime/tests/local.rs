@@ -1,0 +1,292 @@
+//! The local runtime against real Sail and Marimo processes from the pinned environment.
+//!
+//! The environment is the shared test virtualenv: `NOTEBOOK_VENV`, else `<workspace>/.venv`
+//! (made by `scripts/setup-python.sh`). Each test uses its own data directory.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use marina_config::workload::{EnvValue, SailConfig};
+use marina_config::{Id, Settings};
+use marina_runtime::local::LocalRuntime;
+use marina_runtime::{Expected, Health, Runtime, RuntimeError, StartSpec};
+use support::marimo::Marimo;
+
+fn venv() -> PathBuf {
+    let dir = std::env::var_os("NOTEBOOK_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv"));
+    assert!(
+        dir.join("bin/marimo").exists() && dir.join("bin/sail").exists(),
+        "no notebook environment at {}: run scripts/setup-python.sh (or set NOTEBOOK_VENV)",
+        dir.display()
+    );
+    dir
+}
+
+fn settings(data_dir: &Path) -> Settings {
+    let mut s = Settings::default();
+    s.data_dir = data_dir.to_owned();
+    s.runtime.local.venv_dir = Some(venv());
+    s.control.start_timeout_seconds = 90;
+    s
+}
+
+fn sail_config(json: &str) -> SailConfig {
+    serde_json::from_str(json).expect("sail config")
+}
+
+fn spec(id: Id, base_url: Option<String>) -> StartSpec {
+    StartSpec {
+        notebook_id: id,
+        session_id: Id::random(),
+        sail: sail_config("{}"),
+        base_url,
+        attempt: 1,
+    }
+}
+
+/// Non-zombie processes whose command line mentions `dir` or whose working directory is in
+/// it (Marimo's kernels are `python -c ...` children running from the notebook directory).
+fn processes_under(dir: &Path) -> Vec<(i32, String)> {
+    let needle = dir.to_string_lossy().to_string();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().next())
+            .unwrap_or("Z");
+        if state == "Z" || state == "X" {
+            continue;
+        }
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+            .unwrap_or_default();
+        let cwd = std::fs::read_link(format!("/proc/{pid}/cwd"))
+            .map(|p| p.to_string_lossy().to_string())
+            .unwrap_or_default();
+        if cmdline.contains(&needle) || cwd.starts_with(&needle) {
+            found.push((pid, cmdline));
+        }
+    }
+    found
+}
+
+async fn wait_until_gone(dir: &Path) -> Vec<(i32, String)> {
+    // `stop` returns once the groups are gone; this only absorbs /proc update lag.
+    for _ in 0..20 {
+        let left = processes_under(dir);
+        if left.is_empty() {
+            return left;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    processes_under(dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notebook_runs_spark_through_marimo_and_stops_cleanly() {
+    let data = tempfile::tempdir().unwrap();
+    let rt = LocalRuntime::new(&settings(data.path())).unwrap();
+    rt.prepare()
+        .await
+        .expect("the test venv is ready, so prepare is instant");
+    let id = Id::random();
+    let base = format!("/notebooks/{id}");
+    let nb_dir = rt.notebook_dir(id);
+
+    let mut timings = Vec::new();
+    for round in 0..3 {
+        let t = Instant::now();
+        let endpoint = rt
+            .start(&spec(id, Some(base.clone())))
+            .await
+            .expect("start");
+        timings.push(t.elapsed());
+        assert_eq!(rt.health(id).await.unwrap(), Health::Healthy);
+        assert_eq!(endpoint.token.len(), 64, "32 random bytes, hex");
+        let marimo = Marimo::new(&endpoint.upstream, Some(&base), &endpoint.token);
+
+        // The token protects everything but /health.
+        assert_eq!(marimo.get("/api/version", true).await.status(), 200);
+        assert_eq!(marimo.get("/api/version", false).await.status(), 401);
+        assert_eq!(marimo.get("/health", false).await.status(), 200);
+
+        if round == 0 {
+            // A cell runs Spark SQL on the notebook's own Sail server.
+            let mut session = marimo.connect("s_abc123").await.expect("session");
+            let codes = session.kernel_ready["codes"].to_string();
+            assert!(
+                codes.contains("SparkSession.builder.getOrCreate()"),
+                "{codes}"
+            );
+            session.instantiate().await.expect("instantiate");
+            let run = session
+                .run_cell(
+                    "probe1",
+                    "print('RESULT', spark.sql('select 41 + 1 as answer').collect()[0]['answer'])",
+                )
+                .await
+                .expect("run cell");
+            assert!(run.stdout.contains("RESULT 42"), "{run:?}");
+
+            // A kernel process now exists, so the check below is meaningful.
+            let before = processes_under(&nb_dir);
+            assert!(before.len() >= 3, "sail, marimo and a kernel: {before:?}");
+
+            // Secrets: run.json is private; no log holds the token.
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(nb_dir.join("run.json"))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+            for log in ["sail.log", "marimo.log"] {
+                let text = std::fs::read_to_string(nb_dir.join("logs").join(log)).unwrap();
+                assert!(!text.contains(&endpoint.token), "{log} leaks the token");
+            }
+            // The notebook is edited, and must survive the stop.
+            let mut nb = std::fs::read_to_string(nb_dir.join("notebook.py")).unwrap();
+            nb.push_str("\n# kept across restarts\n");
+            std::fs::write(nb_dir.join("notebook.py"), nb).unwrap();
+        }
+
+        let t = Instant::now();
+        rt.stop(id).await.unwrap();
+        let stop_time = t.elapsed();
+        let left = wait_until_gone(&nb_dir).await;
+        assert!(left.is_empty(), "processes left after stop: {left:?}");
+        assert!(
+            stop_time < Duration::from_secs(5),
+            "stop took {stop_time:?}"
+        );
+        assert_eq!(rt.health(id).await.unwrap(), Health::Missing);
+        assert!(!nb_dir.join("run.json").exists());
+        assert!(std::fs::read_to_string(nb_dir.join("notebook.py"))
+            .unwrap()
+            .contains("# kept across restarts"));
+        // Stopping again is not an error.
+        rt.stop(id).await.unwrap();
+    }
+    eprintln!("local notebook start→healthy: {timings:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_start_reports_the_log_tail_and_leaves_nothing() {
+    let data = tempfile::tempdir().unwrap();
+    let rt = LocalRuntime::new(&settings(data.path())).unwrap();
+    let id = Id::random();
+    let mut spec = spec(id, None);
+    // A real Sail failure: it rejects an unknown mode at start-up.
+    spec.sail.extra_env = BTreeMap::from([(
+        "SAIL_MODE".to_owned(),
+        EnvValue {
+            kind: "string".into(),
+            value: "bogus".into(),
+        },
+    )]);
+    let err = rt
+        .start(&spec)
+        .await
+        .expect_err("Sail must refuse to start");
+    let RuntimeError::StartFailed(msg) = err else {
+        panic!("expected StartFailed, got {err:?}");
+    };
+    assert!(msg.contains("Sail server exited"), "{msg}");
+    assert!(
+        msg.contains("bogus"),
+        "the log tail names the bad value: {msg}"
+    );
+    let nb_dir = rt.notebook_dir(id);
+    assert!(wait_until_gone(&nb_dir).await.is_empty());
+    assert!(!nb_dir.join("run.json").exists());
+    assert_eq!(rt.health(id).await.unwrap(), Health::Missing);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_adopts_expected_and_kills_the_rest() {
+    let data = tempfile::tempdir().unwrap();
+    let s = settings(data.path());
+    let (a, b) = (Id::random(), Id::random());
+    let (spec_a, spec_b) = (spec(a, None), spec(b, None));
+    let first = LocalRuntime::new(&s).unwrap();
+    let endpoint_a = first.start(&spec_a).await.unwrap();
+    first.start(&spec_b).await.unwrap();
+
+    // A second runtime over the same data directory plays a restarted Marina: the processes
+    // are not its children, it only has the run records.
+    let second = LocalRuntime::new(&s).unwrap();
+    let expected = [Expected {
+        notebook_id: a,
+        session_id: spec_a.session_id,
+        endpoint: Some(endpoint_a.clone()),
+    }];
+    let adopted = second.reconcile(&expected).await.unwrap();
+    assert_eq!(adopted, vec![a]);
+    assert!(
+        wait_until_gone(&second.notebook_dir(b)).await.is_empty(),
+        "b was not expected"
+    );
+    assert_eq!(second.health(b).await.unwrap(), Health::Missing);
+    assert_eq!(second.health(a).await.unwrap(), Health::Healthy);
+    let marimo = Marimo::new(&endpoint_a.upstream, None, &endpoint_a.token);
+    assert_eq!(marimo.get("/api/version", true).await.status(), 200);
+
+    // The store now expects another session of `a`: this one is stale and goes.
+    let stale = [Expected {
+        notebook_id: a,
+        session_id: Id::random(),
+        endpoint: None,
+    }];
+    assert!(second.reconcile(&stale).await.unwrap().is_empty());
+    assert!(wait_until_gone(&second.notebook_dir(a)).await.is_empty());
+    // The first runtime's view: its child exited, so health says so.
+    first.stop(a).await.unwrap();
+    first.stop(b).await.unwrap();
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_before_anything_runs() {
+    let data = tempfile::tempdir().unwrap();
+    let rt = LocalRuntime::new(&settings(data.path())).unwrap();
+    let id = Id::random();
+    let mut k8s = spec(id, None);
+    k8s.sail.execution_mode = "kubernetes-cluster".into();
+    let err = rt.start(&k8s).await.unwrap_err().to_string();
+    assert!(err.contains("Kubernetes runtime"), "{err}");
+    let err = rt
+        .start(&spec(id, Some("no-slash".into())))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("base URL"), "{err}");
+    assert!(!rt.notebook_dir(id).join("run.json").exists());
+
+    let mut s = settings(data.path());
+    s.runtime.local.bind_host = "localhost name".into();
+    assert!(matches!(
+        LocalRuntime::new(&s),
+        Err(RuntimeError::Environment(_))
+    ));
+}
+
+#[tokio::test]
+async fn prepare_without_python_is_a_clear_error() {
+    let data = tempfile::tempdir().unwrap();
+    let mut s = settings(data.path());
+    s.runtime.local.venv_dir = Some(data.path().join("venv"));
+    s.runtime.local.python = data.path().join("no-such-python").display().to_string();
+    let rt = LocalRuntime::new(&s).unwrap();
+    let t = Instant::now();
+    let err = rt.prepare().await.unwrap_err();
+    assert!(matches!(err, RuntimeError::Environment(_)), "{err:?}");
+    assert!(err.to_string().contains("install Python 3.10+"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(10));
+}
