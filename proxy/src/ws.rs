@@ -379,6 +379,13 @@ where
                 Poll::Ready(End::Error)
             }
             (Poll::Ready(PipeEnd::Done), Poll::Ready(PipeEnd::Done)) => Poll::Ready(End::Closed),
+            // One direction is finished and the other side has sent its close frame: the
+            // close handshake is complete, the server side (us) closes the TCP connection
+            // (RFC 6455 §7.1.1) instead of waiting for the peer to do it.
+            (_, Poll::Ready(PipeEnd::Done)) if self.up.parser.saw_close => Poll::Ready(End::Closed),
+            (Poll::Ready(PipeEnd::Done), _) if self.down.parser.saw_close => {
+                Poll::Ready(End::Closed)
+            }
             _ => Poll::Pending,
         }
     }

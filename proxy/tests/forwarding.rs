@@ -1,0 +1,596 @@
+//! Forwarding through the edge against fast fake upstreams: header hygiene, the viewer policy
+//! end to end, event streams, HTTP/2, and the WebSocket relay (big messages, upstream and client
+//! failures, revocation, shutdown, 1,000 concurrent sockets).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use marina_config::wire::AccessMode;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+
+const NB: &str = "NOTEBOOK01";
+const OWNER: &str = "OWNER00001";
+const VIEWER: &str = "VIEWER0001";
+
+#[tokio::test]
+async fn http_forwarding_swaps_credentials_and_hardens_responses() {
+    let keys = Keys::generate();
+    let up = FakeUpstream::start().await;
+    let r = route(NB, "SESSION001", up.addr, id(OWNER), &[id(VIEWER)]);
+    let edge = TestEdge::start(&keys, std::slice::from_ref(&r), EdgeOptions::default()).await;
+    let cookie = login(&edge, &keys, &r, id(OWNER), AccessMode::Edit).await;
+
+    let resp = client()
+        .post(edge.url("/notebooks/NOTEBOOK01/api/kernel/run?x=1"))
+        .header("cookie", format!("{cookie}; other=1"))
+        .header("authorization", "Bearer browser-credential")
+        .header("x-forwarded-user", "admin")
+        .header("x-forwarded-for", "6.6.6.6")
+        .header("marimo-session-id", "s_abc123")
+        .header("marimo-server-token", "skew")
+        .body("hello")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let h = resp.headers().clone();
+    assert_eq!(
+        h["content-security-policy"],
+        "frame-ancestors https://host.example"
+    );
+    assert_eq!(h["x-content-type-options"], "nosniff");
+    assert!(
+        h.get("set-cookie").is_none(),
+        "Marimo's credential cookie dropped"
+    );
+    assert!(h.get("access-control-allow-origin").is_none());
+    assert_eq!(
+        resp.text().await.unwrap(),
+        "upstream ok 5",
+        "body streamed through"
+    );
+
+    let seen = up.seen.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(
+        seen.uri, "/notebooks/NOTEBOOK01/api/kernel/run?x=1",
+        "path mode keeps the prefix"
+    );
+    assert_eq!(
+        seen.headers["authorization"],
+        "Bearer marimo-upstream-secret"
+    );
+    assert_eq!(seen.headers["cookie"], "other=1");
+    assert!(seen.headers.get("x-forwarded-user").is_none());
+    assert_eq!(seen.headers["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(seen.headers["x-forwarded-proto"], "http");
+    assert_eq!(seen.headers["x-forwarded-host"], edge.addr.to_string());
+    assert!(seen.headers.get("x-request-id").is_some());
+    assert_eq!(seen.headers["marimo-server-token"], "skew");
+    let sid = seen.headers["marimo-session-id"].to_str().unwrap();
+    assert!(
+        sid.starts_with("s_") && sid.len() == 8 && sid != "s_abc123",
+        "{sid}"
+    );
+
+    // `/notebooks/<ID>` → the slash form, by the edge.
+    let resp = client()
+        .get(edge.url("/notebooks/NOTEBOOK01?a=b"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 308);
+    assert_eq!(resp.headers()["location"], "/notebooks/NOTEBOOK01/?a=b");
+
+    // Unknown notebook: the clear page, not a hang.
+    let resp = client()
+        .get(edge.url("/notebooks/UNKNOWN001/"))
+        .header("accept", "text/html")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    assert!(resp.text().await.unwrap().contains("not running"));
+
+    // HTTP/2 from the browser side.
+    let stream = TcpStream::connect(edge.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get(edge.url("/notebooks/NOTEBOOK01/api/version"))
+        .header("cookie", cookie.clone())
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers().get("connection").is_none());
+
+    // `/auth/token` is refused even for the owner, and never reaches Marimo.
+    let before = up.paths().len();
+    let resp = client()
+        .get(edge.url("/notebooks/NOTEBOOK01/auth/token"))
+        .header("cookie", cookie.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    let v: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "credential_endpoint");
+    assert_eq!(up.paths().len(), before);
+    edge.stop().await;
+}
+
+#[tokio::test]
+async fn viewer_policy_end_to_end_and_upstream_never_sees_denials() {
+    let keys = Keys::generate();
+    let up = FakeUpstream::start().await;
+    let r = route(NB, "SESSION001", up.addr, id(OWNER), &[id(VIEWER)]);
+    let edge = TestEdge::start(&keys, std::slice::from_ref(&r), EdgeOptions::default()).await;
+    let viewer = login(&edge, &keys, &r, id(VIEWER), AccessMode::View).await;
+    for (m, p) in [
+        ("POST", "/api/kernel/run"),
+        ("POST", "/api/kernel/save"),
+        ("POST", "/api/kernel/execute"),
+        ("POST", "/api/kernel/takeover"),
+        ("GET", "/api/sessions"),
+        ("GET", "/terminal/ws"),
+        ("POST", "/api%2Fkernel%2Frun"),
+        ("GET", "/assets/..%2F..%2Fapi%2Fsessions"),
+    ] {
+        let resp = client()
+            .request(
+                m.parse().unwrap(),
+                edge.url(&format!("/notebooks/NOTEBOOK01{p}")),
+            )
+            .header("cookie", viewer.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 403, "{m} {p}");
+        let v: serde_json::Value = resp.json().await.unwrap();
+        assert!(v["error"]["code"].is_string());
+    }
+    assert!(
+        up.paths().is_empty(),
+        "denied requests reached the upstream: {:?}",
+        up.paths()
+    );
+    assert!(edge
+        .metrics
+        .render()
+        .contains("marina_edge_denials_total{reason=\"read_only\"}"));
+
+    // Allowed: the page, and the viewer's event stream gets kiosk forced; SSE is not buffered.
+    let resp = client()
+        .get(edge.url("/notebooks/NOTEBOOK01/"))
+        .header("cookie", viewer.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let started = Instant::now();
+    let mut resp = client()
+        .get(edge.url("/notebooks/NOTEBOOK01/sse?session_id=s_aaaaaa&kiosk=false&access_token=x"))
+        .header("cookie", viewer.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let first = resp.chunk().await.unwrap().unwrap();
+    assert_eq!(&first[..], b"data: 0\n\n");
+    assert!(
+        started.elapsed() < Duration::from_millis(280),
+        "first event arrived before the second was sent"
+    );
+    assert_eq!(edge.metrics.streams_open.get(), 1);
+    let second = resp.chunk().await.unwrap().unwrap();
+    assert_eq!(&second[..], b"data: 1\n\n");
+    assert!(resp.chunk().await.unwrap().is_none());
+    drop(resp);
+    let uri = up.paths().last().cloned().unwrap();
+    assert!(
+        uri.contains("kiosk=true")
+            && !uri.contains("kiosk=false")
+            && !uri.contains("access_token")
+            && !uri.contains("s_aaaaaa"),
+        "{uri}"
+    );
+    edge.stop().await;
+}
+
+// --- WebSocket -----------------------------------------------------------------------------
+
+/// A minimal raw WebSocket server standing in for Marimo: on text `big:N` it sends an N-byte
+/// text message, `echo:X` echoes, `die` drops the connection without a close frame. Records
+/// request URIs.
+struct WsUpstream {
+    addr: SocketAddr,
+    uris: Arc<Mutex<Vec<String>>>,
+    closes_seen: Arc<Mutex<u32>>,
+}
+
+async fn ws_upstream() -> WsUpstream {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let uris: Arc<Mutex<Vec<String>>> = Arc::default();
+    let closes: Arc<Mutex<u32>> = Arc::default();
+    let (u2, c2) = (uris.clone(), closes.clone());
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            let (uris, closes) = (u2.clone(), c2.clone());
+            tokio::spawn(async move {
+                let _ = serve_ws(s, uris, closes).await;
+            });
+        }
+    });
+    WsUpstream {
+        addr,
+        uris,
+        closes_seen: closes,
+    }
+}
+
+async fn serve_ws(
+    mut s: TcpStream,
+    uris: Arc<Mutex<Vec<String>>>,
+    closes: Arc<Mutex<u32>>,
+) -> std::io::Result<()> {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut b).await?;
+        head.push(b[0]);
+    }
+    let text = String::from_utf8_lossy(&head).to_string();
+    let uri = text.split(' ').nth(1).unwrap_or("").to_string();
+    uris.lock().unwrap().push(format!("{uri}\n{text}"));
+    let key = text
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .starts_with("sec-websocket-key:")
+                .then(|| l[18..].trim().to_string())
+        })
+        .unwrap_or_default();
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY);
+    ctx.update(key.as_bytes());
+    ctx.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+    use base64::Engine;
+    let accept = base64::engine::general_purpose::STANDARD.encode(ctx.finish().as_ref());
+    s.write_all(format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n").as_bytes()).await?;
+    loop {
+        let mut h = [0u8; 2];
+        s.read_exact(&mut h).await?;
+        let op = h[0] & 0x0f;
+        let mut len = (h[1] & 0x7f) as u64;
+        if len == 126 {
+            let mut e = [0u8; 2];
+            s.read_exact(&mut e).await?;
+            len = u16::from_be_bytes(e) as u64;
+        } else if len == 127 {
+            let mut e = [0u8; 8];
+            s.read_exact(&mut e).await?;
+            len = u64::from_be_bytes(e);
+        }
+        let mut mask = [0u8; 4];
+        if h[1] & 0x80 != 0 {
+            s.read_exact(&mut mask).await?;
+        }
+        let mut p = vec![0u8; len as usize];
+        s.read_exact(&mut p).await?;
+        for (i, c) in p.iter_mut().enumerate() {
+            *c ^= mask[i % 4];
+        }
+        match op {
+            0x8 => {
+                *closes.lock().unwrap() += 1;
+                s.write_all(&[0x88, 2, 0x03, 0xe8]).await?;
+                return Ok(());
+            }
+            0x1 => {
+                let t = String::from_utf8_lossy(&p).to_string();
+                if let Some(n) = t.strip_prefix("big:") {
+                    let n: usize = n.parse().unwrap();
+                    send_text(&mut s, &vec![b'x'; n]).await?;
+                } else if let Some(e) = t.strip_prefix("echo:") {
+                    send_text(&mut s, e.as_bytes()).await?;
+                } else if t == "die" {
+                    return Ok(()); // drop: FIN without a close frame, like a killed process
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+async fn send_text(s: &mut TcpStream, p: &[u8]) -> std::io::Result<()> {
+    let mut h = vec![0x81u8];
+    if p.len() < 126 {
+        h.push(p.len() as u8);
+    } else if p.len() < 65536 {
+        h.push(126);
+        h.extend_from_slice(&(p.len() as u16).to_be_bytes());
+    } else {
+        h.push(127);
+        h.extend_from_slice(&(p.len() as u64).to_be_bytes());
+    }
+    s.write_all(&h).await?;
+    s.write_all(p).await
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+async fn ws_connect(
+    edge: &TestEdge,
+    cookie: &str,
+    origin: &str,
+    query: &str,
+) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = format!("ws://{}/notebooks/NOTEBOOK01/ws?{query}", edge.addr)
+        .into_client_request()
+        .unwrap();
+    req.headers_mut().insert("cookie", cookie.parse().unwrap());
+    req.headers_mut().insert("origin", origin.parse().unwrap());
+    let cfg = WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0);
+    tokio_tungstenite::connect_async_with_config(req, Some(cfg), true)
+        .await
+        .map(|(ws, _)| ws)
+}
+
+async fn next_close(ws: &mut Ws, within: Duration) -> Option<(CloseCode, Duration)> {
+    let started = Instant::now();
+    let deadline = tokio::time::sleep(within);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            _ = &mut deadline => return None,
+            m = ws.next() => match m {
+                Some(Ok(Message::Close(Some(f)))) => return Some((f.code, started.elapsed())),
+                Some(Ok(_)) => continue,
+                _ => return None,
+            }
+        }
+    }
+}
+
+struct WsWorld {
+    keys: Keys,
+    up: WsUpstream,
+    edge: TestEdge,
+    route: marina_config::wire::Route,
+}
+
+async fn ws_world(opts: EdgeOptions) -> WsWorld {
+    let keys = Keys::generate();
+    let up = ws_upstream().await;
+    let route = route(NB, "SESSION001", up.addr, id(OWNER), &[id(VIEWER)]);
+    let edge = TestEdge::start(&keys, std::slice::from_ref(&route), opts).await;
+    WsWorld {
+        keys,
+        up,
+        edge,
+        route,
+    }
+}
+
+#[tokio::test]
+async fn websocket_relays_big_messages_and_checks_origin() {
+    let w = ws_world(EdgeOptions::default()).await;
+    let owner = login(&w.edge, &w.keys, &w.route, id(OWNER), AccessMode::Edit).await;
+    // Another origin: refused before anything reaches the upstream.
+    let err = ws_connect(
+        &w.edge,
+        &owner,
+        "https://evil.example",
+        "session_id=s_aaaaaa",
+    )
+    .await;
+    assert!(err.is_err());
+    assert!(w.up.uris.lock().unwrap().is_empty());
+
+    let mut ws = ws_connect(
+        &w.edge,
+        &owner,
+        &w.edge.origin(),
+        "session_id=s_aaaaaa&access_token=t",
+    )
+    .await
+    .unwrap();
+    let seen = w.up.uris.lock().unwrap()[0].clone();
+    assert!(
+        !seen.contains("access_token") && !seen.contains("s_aaaaaa"),
+        "{seen}"
+    );
+    assert!(seen
+        .to_ascii_lowercase()
+        .contains("authorization: bearer marimo-upstream-secret"));
+    assert!(
+        !seen.contains(owner.split('=').nth(1).unwrap()),
+        "edge cookie stripped"
+    );
+    let eight_mb = 8 * 1024 * 1024;
+    ws.send(Message::text(format!("big:{eight_mb}")))
+        .await
+        .unwrap();
+    match ws.next().await.unwrap().unwrap() {
+        Message::Text(t) => assert_eq!(t.len(), eight_mb),
+        other => panic!("{other:?}"),
+    }
+    ws.send(Message::text("echo:hi")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("hi"));
+    assert_eq!(w.edge.metrics.websockets_open.get(), 1);
+    // Browser messages are activity.
+    let entry_active = w.edge.metrics.render();
+    assert!(entry_active.contains("marina_edge_bytes_relayed_total{direction=\"to_client\"}"));
+    ws.close(None).await.unwrap();
+    while ws.next().await.is_some() {}
+    wait(|| w.edge.metrics.websockets_open.get() == 0).await;
+    assert_eq!(
+        *w.up.closes_seen.lock().unwrap(),
+        1,
+        "the browser's close reached the upstream"
+    );
+    w.edge.stop().await;
+}
+
+#[tokio::test]
+async fn websocket_message_limit_closes_with_1009() {
+    let w = ws_world(EdgeOptions {
+        max_ws_message_bytes: 1024 * 1024,
+        ..EdgeOptions::default()
+    })
+    .await;
+    let owner = login(&w.edge, &w.keys, &w.route, id(OWNER), AccessMode::Edit).await;
+    let mut ws = ws_connect(&w.edge, &owner, &w.edge.origin(), "session_id=s_aaaaaa")
+        .await
+        .unwrap();
+    ws.send(Message::text("big:1000")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap().len(), 1000);
+    ws.send(Message::text("big:2000000")).await.unwrap();
+    let (code, _) = next_close(&mut ws, Duration::from_secs(5))
+        .await
+        .expect("close frame");
+    assert_eq!(code, CloseCode::Size);
+    w.edge.stop().await;
+}
+
+#[tokio::test]
+async fn upstream_dying_mid_stream_gives_the_browser_a_close_frame() {
+    let w = ws_world(EdgeOptions::default()).await;
+    let owner = login(&w.edge, &w.keys, &w.route, id(OWNER), AccessMode::Edit).await;
+    let mut ws = ws_connect(&w.edge, &owner, &w.edge.origin(), "session_id=s_aaaaaa")
+        .await
+        .unwrap();
+    ws.send(Message::text("big:100000")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap().len(), 100000);
+    ws.send(Message::text("die")).await.unwrap();
+    let (code, _) = next_close(&mut ws, Duration::from_secs(5))
+        .await
+        .expect("close frame");
+    assert_eq!(code, CloseCode::Error, "1011");
+    // Like a browser, answer the close (tungstenite flushes its reply on the next poll).
+    while let Some(Ok(_)) = ws.next().await {}
+    wait(|| w.edge.metrics.websockets_open.get() == 0).await;
+    w.edge.stop().await;
+}
+
+#[tokio::test]
+async fn client_vanishing_mid_stream_frees_the_relay() {
+    let w = ws_world(EdgeOptions::default()).await;
+    let owner = login(&w.edge, &w.keys, &w.route, id(OWNER), AccessMode::Edit).await;
+    let mut ws = ws_connect(&w.edge, &owner, &w.edge.origin(), "session_id=s_aaaaaa")
+        .await
+        .unwrap();
+    // Ask for a big message and drop the socket while it streams.
+    ws.send(Message::text(format!("big:{}", 8 * 1024 * 1024)))
+        .await
+        .unwrap();
+    drop(ws);
+    wait(|| w.edge.metrics.websockets_open.get() == 0).await;
+    // The edge still works.
+    let mut ws = ws_connect(&w.edge, &owner, &w.edge.origin(), "session_id=s_aaaaaa")
+        .await
+        .unwrap();
+    ws.send(Message::text("echo:again")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("again"));
+    w.edge.stop().await;
+}
+
+#[tokio::test]
+async fn revocation_closes_sockets_within_5_seconds_and_shutdown_says_1001() {
+    let w = ws_world(EdgeOptions::default()).await;
+    let owner = login(&w.edge, &w.keys, &w.route, id(OWNER), AccessMode::Edit).await;
+    let viewer = login(&w.edge, &w.keys, &w.route, id(VIEWER), AccessMode::View).await;
+    let mut vws = ws_connect(&w.edge, &viewer, &w.edge.origin(), "session_id=s_bbbbbb")
+        .await
+        .unwrap();
+    let mut ows = ws_connect(&w.edge, &owner, &w.edge.origin(), "session_id=s_aaaaaa")
+        .await
+        .unwrap();
+    // The viewer's socket went to Marimo in kiosk mode.
+    let uris = w.up.uris.lock().unwrap().clone();
+    assert!(
+        uris[0].lines().next().unwrap().contains("kiosk=true"),
+        "{}",
+        uris[0]
+    );
+    let mut revoked = w.route.clone();
+    revoked.viewers.clear();
+    w.edge.set_routes(2, &[revoked]).await;
+    let (code, took) = next_close(&mut vws, Duration::from_secs(5))
+        .await
+        .expect("viewer closed");
+    assert_eq!(code, CloseCode::Policy);
+    assert!(took < Duration::from_secs(5));
+    // The owner's socket is untouched.
+    ows.send(Message::text("echo:still here")).await.unwrap();
+    assert_eq!(
+        ows.next().await.unwrap().unwrap(),
+        Message::text("still here")
+    );
+    // Shutdown: 1001 to the browser.
+    let stopping = tokio::spawn(w.edge.stop());
+    let (code, _) = next_close(&mut ows, Duration::from_secs(5))
+        .await
+        .expect("closed on shutdown");
+    assert_eq!(code, CloseCode::Away);
+    stopping.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_thousand_concurrent_sockets() {
+    let w = ws_world(EdgeOptions::default()).await;
+    let owner = login(&w.edge, &w.keys, &w.route, id(OWNER), AccessMode::Edit).await;
+    let n = 1000;
+    let mut socks = Vec::with_capacity(n);
+    for i in 0..n {
+        let ws = ws_connect(
+            &w.edge,
+            &owner,
+            &w.edge.origin(),
+            &format!("session_id=s_{i:06}"),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("socket {i}: {e}"));
+        socks.push(ws);
+    }
+    assert_eq!(w.edge.metrics.websockets_open.get(), n as i64);
+    // Every socket still relays.
+    let results =
+        futures_util::future::join_all(socks.iter_mut().enumerate().map(|(i, ws)| async move {
+            ws.send(Message::text(format!("echo:{i}"))).await.unwrap();
+            ws.next().await.unwrap().unwrap() == Message::text(i.to_string())
+        }))
+        .await;
+    assert!(results.iter().all(|ok| *ok));
+    drop(socks);
+    wait(|| w.edge.metrics.websockets_open.get() == 0).await;
+    w.edge.stop().await;
+}
+
+async fn wait(f: impl Fn() -> bool) {
+    for _ in 0..100 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("condition not reached in 5 s");
+}
