@@ -65,13 +65,16 @@ pub async fn follow_control(
 ) {
     let mut backoff = Duration::from_millis(100);
     loop {
-        // `after=0` until something was loaded, so the first answer comes at once.
-        let after = if table.is_loaded() {
-            table.version()
+        // No `after` until something was loaded, so the first answer comes at once.
+        let path = if table.is_loaded() {
+            format!(
+                "{INTERNAL_PREFIX}/routes?after={}&waitSeconds={WAIT_SECONDS}",
+                table.version()
+            )
         } else {
-            0
+            format!("{INTERNAL_PREFIX}/routes")
         };
-        let path = format!("{INTERNAL_PREFIX}/routes?after={after}&waitSeconds={WAIT_SECONDS}");
+        let asked = std::time::Instant::now();
         let outcome = client
             .get(&path, Duration::from_secs(WAIT_SECONDS + 10))
             .await;
@@ -83,6 +86,11 @@ pub async fn follow_control(
                 }
                 match serde_json::from_slice::<RoutesSnapshot>(&body) {
                     Ok(snap) if table.is_loaded() && snap.version == table.version() => {
+                        // Nothing new. A control plane that answers at once instead of holding
+                        // the request must not turn this loop into a busy one.
+                        if let Some(rest) = Duration::from_secs(1).checked_sub(asked.elapsed()) {
+                            tokio::time::sleep(rest).await;
+                        }
                         backoff = Duration::from_millis(100);
                         continue;
                     }

@@ -479,3 +479,75 @@ pub async fn wait_until(f: impl Fn() -> bool) {
     }
     panic!("condition not reached in 3 s");
 }
+
+#[tokio::test]
+async fn routes_follow_the_control_feed_and_survive_its_outage() {
+    let keys = Keys::generate();
+    let up = FakeUpstream::start().await;
+    let control = FakeControl::start().await;
+    let r = route(NB, "SESSION001", up.addr, id(OWNER), &[]);
+    let edge = TestEdge::start(
+        &keys,
+        &[],
+        EdgeOptions {
+            control_url: control.url.clone(),
+            control_routes: true,
+            ..EdgeOptions::default()
+        },
+    )
+    .await;
+    let ready = || async {
+        client()
+            .get(format!("http://{}/readyz", edge.admin))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    // An empty snapshot (version 0) loads at once: ready, but the notebook is not running.
+    wait_until_async(|| async { ready().await == 200 }).await;
+    let t = keys.sign(&claims(&r, id(OWNER), AccessMode::Edit));
+    assert_eq!(handshake(&edge, id(NB), &t).await.status(), 404);
+    // The control plane starts the notebook: the held poll returns the new version.
+    *control.routes.lock().unwrap() = marina_config::wire::RoutesSnapshot {
+        version: 1,
+        routes: vec![r.clone()],
+    };
+    wait_until(|| edge.metrics.routes.get() == 1).await;
+    let cookie = login(&edge, &keys, &r, id(OWNER), AccessMode::Edit).await;
+    // The control plane goes away: the edge keeps serving its last routes.
+    control.kill();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let resp = client()
+        .get(edge.url("/notebooks/NOTEBOOK01/"))
+        .header("cookie", cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let m = client()
+        .get(format!("http://{}/metrics", edge.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(m.contains("marina_edge_routes 1"), "{m}");
+    edge.stop().await;
+}
+
+async fn wait_until_async<F, Fut>(f: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..60 {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("condition not reached in 3 s");
+}

@@ -113,6 +113,8 @@ pub struct EdgeOptions {
     pub interactive_viewers: bool,
     pub cookie_key: String,
     pub max_ws_message_bytes: usize,
+    /// Follow the control plane's routes feed instead of a routes file.
+    pub control_routes: bool,
 }
 
 impl Default for EdgeOptions {
@@ -124,6 +126,7 @@ impl Default for EdgeOptions {
             interactive_viewers: false,
             cookie_key: "11".repeat(32),
             max_ws_message_bytes: 16 * 1024 * 1024,
+            control_routes: false,
         }
     }
 }
@@ -172,7 +175,7 @@ impl TestEdge {
         s.proxy.admin_listen = admin_addr;
         s.proxy.public_url = format!("http://{addr}");
         s.proxy.frame_ancestors = vec!["https://host.example".into()];
-        s.proxy.routes_file = Some(routes_file.clone());
+        s.proxy.routes_file = (!opts.control_routes).then(|| routes_file.clone());
         s.proxy.control_url = opts.control_url.clone();
         s.proxy.replay_store = opts.replay;
         s.proxy.interactive_viewers = opts.interactive_viewers;
@@ -394,6 +397,9 @@ async fn fake_answer(req: Request<Incoming>) -> Response<FakeBody> {
 pub struct FakeControl {
     pub url: String,
     pub activity: Arc<Mutex<Vec<serde_json::Value>>>,
+    /// What `GET /internal/v1/routes` serves.
+    pub routes: Arc<Mutex<RoutesSnapshot>>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 impl FakeControl {
@@ -402,47 +408,21 @@ impl FakeControl {
         let addr = l.local_addr().unwrap();
         let used: Arc<Mutex<HashSet<String>>> = Arc::default();
         let activity: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
-        let act2 = activity.clone();
-        tokio::spawn(async move {
+        let routes: Arc<Mutex<RoutesSnapshot>> = Arc::default();
+        let (act2, routes2) = (activity.clone(), routes.clone());
+        let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = l.accept().await else {
                     return;
                 };
-                let used = used.clone();
-                let activity = act2.clone();
+                let (used, activity, routes) = (used.clone(), act2.clone(), routes2.clone());
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
-                        let used = used.clone();
-                        let activity = activity.clone();
+                        let (used, activity, routes) =
+                            (used.clone(), activity.clone(), routes.clone());
                         async move {
-                            let authed = req.headers().get("authorization").map(|v| v.as_bytes())
-                                == Some(b"Bearer internal-test-token");
-                            let path = req.uri().path().to_string();
-                            let body = req.into_body().collect().await.unwrap().to_bytes();
-                            let status = if !authed {
-                                401
-                            } else if path == "/internal/v1/redeem" {
-                                let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-                                let jti = v["jti"].as_str().unwrap().to_string();
-                                if used.lock().unwrap().insert(jti) {
-                                    200
-                                } else {
-                                    409
-                                }
-                            } else if path == "/internal/v1/activity" {
-                                activity
-                                    .lock()
-                                    .unwrap()
-                                    .push(serde_json::from_slice(&body).unwrap());
-                                204
-                            } else {
-                                404
-                            };
                             Ok::<_, Infallible>(
-                                Response::builder()
-                                    .status(status)
-                                    .body(Full::new(Bytes::new()))
-                                    .unwrap(),
+                                control_answer(req, &used, &activity, &routes).await,
                             )
                         }
                     });
@@ -455,8 +435,65 @@ impl FakeControl {
         FakeControl {
             url: format!("http://{addr}"),
             activity,
+            routes,
+            task,
         }
     }
+
+    /// Stops answering: the listener goes away.
+    pub fn kill(&self) {
+        self.task.abort();
+    }
+}
+
+async fn control_answer(
+    req: Request<Incoming>,
+    used: &Mutex<HashSet<String>>,
+    activity: &Mutex<Vec<serde_json::Value>>,
+    routes: &Mutex<RoutesSnapshot>,
+) -> Response<Full<Bytes>> {
+    let authed = req.headers().get("authorization").map(|v| v.as_bytes())
+        == Some(b"Bearer internal-test-token");
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    let body = req.into_body().collect().await.unwrap().to_bytes();
+    let status = if !authed {
+        401
+    } else if path == "/internal/v1/routes" {
+        // Long poll: hold while the version equals `after` (up to 2 s here).
+        let after = query
+            .split('&')
+            .find_map(|p| p.strip_prefix("after="))
+            .and_then(|v| v.parse::<u64>().ok());
+        for _ in 0..20 {
+            if after != Some(routes.lock().unwrap().version) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let snap = serde_json::to_vec(&*routes.lock().unwrap()).unwrap();
+        return Response::new(Full::new(Bytes::from(snap)));
+    } else if path == "/internal/v1/redeem" {
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let jti = v["jti"].as_str().unwrap().to_string();
+        if used.lock().unwrap().insert(jti) {
+            200
+        } else {
+            409
+        }
+    } else if path == "/internal/v1/activity" {
+        activity
+            .lock()
+            .unwrap()
+            .push(serde_json::from_slice(&body).unwrap());
+        204
+    } else {
+        404
+    };
+    Response::builder()
+        .status(status)
+        .body(Full::new(Bytes::new()))
+        .unwrap()
 }
 
 /// Captures every log line of the test binary (all levels), to check no token is logged.
