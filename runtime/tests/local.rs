@@ -28,8 +28,10 @@ fn venv() -> PathBuf {
 }
 
 fn settings(data_dir: &Path) -> Settings {
-    let mut s = Settings::default();
-    s.data_dir = data_dir.to_owned();
+    let mut s = Settings {
+        data_dir: data_dir.to_owned(),
+        ..Settings::default()
+    };
     s.runtime.local.venv_dir = Some(venv());
     s.control.start_timeout_seconds = 90;
     s

@@ -186,19 +186,21 @@ impl LocalRuntime {
         env
     }
 
-    /// Spawns one server as the leader of a new process group, output appended to `log`,
-    /// and a task that reaps it and publishes how it exited.
+    /// Spawns one server (`sail` or `marimo`) in the notebook directory as the leader of a new
+    /// process group, output appended to `logs/<what>.log`, and a task that reaps it and
+    /// publishes how it exited.
     fn spawn_server(
         &self,
         what: &str,
         program: PathBuf,
         args: Vec<OsString>,
         env: &[(String, String)],
-        cwd: &Path,
-        log: &Path,
+        dir: &NotebookDir,
         session: Id,
     ) -> Result<(ProcId, watch::Receiver<Option<String>>), RuntimeError> {
         use std::io::Write;
+        let log = &dir.logs().join(format!("{what}.log"));
+        let cwd = &dir.root;
         let backend = |e: std::io::Error| RuntimeError::Backend(format!("{}: {e}", log.display()));
         let mut file = std::fs::OpenOptions::new()
             .create(true)
@@ -353,8 +355,7 @@ impl LocalRuntime {
                 sail_port.to_string().into(),
             ],
             &env,
-            &dir.root,
-            &dir.sail_log(),
+            &dir,
             spec.session_id,
         )?;
         let mut record = RunRecord {
@@ -406,8 +407,7 @@ impl LocalRuntime {
             self.env.bin("marimo"),
             args,
             &env,
-            &dir.root,
-            &dir.marimo_log(),
+            &dir,
             spec.session_id,
         )?;
         record.marimo = Some(ServerRecord {
