@@ -22,7 +22,11 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 #[derive(Parser)]
-#[command(name = "marina", version, about = "Hosted Marimo notebooks backed by Sail")]
+#[command(
+    name = "marina",
+    version,
+    about = "Hosted Marimo notebooks backed by Sail"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -137,7 +141,10 @@ fn init_tracing(settings: &Settings) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&settings.log))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .try_init();
 }
 
 /// Resolves when the process is asked to stop (Ctrl-C or SIGTERM).
@@ -160,7 +167,10 @@ async fn shutdown_signal() {
 }
 
 /// A shutdown broadcast: one signal, many waiters.
-fn shutdown_channel() -> (watch::Sender<bool>, impl Fn() -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>>) {
+fn shutdown_channel() -> (
+    watch::Sender<bool>,
+    impl Fn() -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
+) {
     let (tx, rx) = watch::channel(false);
     let waiter = move || {
         let mut rx = rx.clone();
@@ -172,16 +182,20 @@ fn shutdown_channel() -> (watch::Sender<bool>, impl Fn() -> std::pin::Pin<Box<dy
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener> {
-    TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} for the {what}"))
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} for the {what}"))
 }
 
 async fn make_runtime(settings: &Settings) -> Result<Arc<dyn Runtime>> {
     Ok(match settings.runtime.kind {
-        RuntimeKind::Local => Arc::new(
-            marina_runtime::local::LocalRuntime::new(settings).context("local runtime")?,
-        ),
+        RuntimeKind::Local => {
+            Arc::new(marina_runtime::local::LocalRuntime::new(settings).context("local runtime")?)
+        }
         RuntimeKind::Kubernetes => Arc::new(
-            marina_runtime::kube::KubeRuntime::new(settings).await.context("kubernetes runtime")?,
+            marina_runtime::kube::KubeRuntime::new(settings)
+                .await
+                .context("kubernetes runtime")?,
         ),
     })
 }
@@ -221,7 +235,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
         .await
         .context("opening the control plane")?;
     let bootstrap = control.bootstrap().map(|b| b.admin_key_file.clone());
-    let edge = marina_proxy::Edge::new(&settings).await.context("starting the edge")?;
+    let edge = marina_proxy::Edge::new(&settings)
+        .await
+        .context("starting the edge")?;
 
     let (stop_tx, stop) = shutdown_channel();
     let control_task = tokio::spawn(control.serve(control_listener, stop()));
@@ -239,10 +255,22 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let key_file = bootstrap.unwrap_or_else(|| settings.data_dir.join("admin-api-key"));
     eprintln!();
     eprintln!("  Marina is ready.");
-    eprintln!("  Host page (embeds notebooks):  {}/", settings.control.public_url);
-    eprintln!("  Control API:                   {}/workloads/notebooks", settings.control.public_url);
-    eprintln!("  Edge (notebooks):              {}", settings.proxy.public_url);
-    eprintln!("  Edge metrics:                  http://{}/metrics", settings.proxy.admin_listen);
+    eprintln!(
+        "  Host page (embeds notebooks):  {}/",
+        settings.control.public_url
+    );
+    eprintln!(
+        "  Control API:                   {}/workloads/notebooks",
+        settings.control.public_url
+    );
+    eprintln!(
+        "  Edge (notebooks):              {}",
+        settings.proxy.public_url
+    );
+    eprintln!(
+        "  Edge metrics:                  http://{}/metrics",
+        settings.proxy.admin_listen
+    );
     eprintln!("  Admin API key:                 {}", key_file.display());
     eprintln!("  Stop with Ctrl-C.");
     eprintln!();
@@ -287,7 +315,10 @@ async fn control(args: PartArgs) -> Result<()> {
     let listener = bind(settings.control.listen, "control API").await?;
     let control = marina_control::ControlPlane::open(&settings, runtime.clone()).await?;
     if let Some(b) = control.bootstrap() {
-        eprintln!("marina: first start: admin API key written to {}", b.admin_key_file.display());
+        eprintln!(
+            "marina: first start: admin API key written to {}",
+            b.admin_key_file.display()
+        );
     }
     if settings.runtime.kind == RuntimeKind::Local {
         let rt = runtime.clone();
@@ -322,7 +353,11 @@ async fn proxy(args: ProxyArgs) -> Result<()> {
 
 async fn admin(cmd: AdminCommand) -> Result<()> {
     match cmd {
-        AdminCommand::CreateKey { common, member, name } => {
+        AdminCommand::CreateKey {
+            common,
+            member,
+            name,
+        } => {
             let settings = load(&common, Figment::new())?;
             let member = match member {
                 Some(m) => Some(Id::parse(&m).map_err(|e| anyhow::anyhow!("--member: {e}"))?),

@@ -11,7 +11,8 @@ use serde_json::{json, Value};
 use support::*;
 use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// Marimo's skew-protection token, embedded in the notebook page.
 fn server_token(html: &str) -> String {
@@ -23,11 +24,15 @@ fn server_token(html: &str) -> String {
 async fn connect_ws(s: &EdgeSession, path_and_query: &str) -> Result<Ws, String> {
     let url = format!("{}{}", s.base.replacen("http", "ws", 1), path_and_query);
     let mut req = url.into_client_request().unwrap();
-    req.headers_mut().insert("cookie", s.cookie.parse().unwrap());
-    req.headers_mut().insert("origin", s.origin.parse().unwrap());
+    req.headers_mut()
+        .insert("cookie", s.cookie.parse().unwrap());
+    req.headers_mut()
+        .insert("origin", s.origin.parse().unwrap());
     match tokio_tungstenite::connect_async(req).await {
         Ok((ws, _)) => Ok(ws),
-        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(format!("HTTP {}", resp.status())),
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            Err(format!("HTTP {}", resp.status()))
+        }
         Err(e) => Err(e.to_string()),
     }
 }
@@ -39,8 +44,18 @@ async fn read_until(ws: &mut Ws, needle: &str, within: Duration) -> Result<Strin
     loop {
         let next = tokio::time::timeout_at(deadline, ws.next()).await;
         match next {
-            Err(_) => return Err(format!("no {needle:?} within {within:?}; saw: {}", tail(&seen, 20))),
-            Ok(None) => return Err(format!("socket ended before {needle:?}; saw: {}", tail(&seen, 20))),
+            Err(_) => {
+                return Err(format!(
+                    "no {needle:?} within {within:?}; saw: {}",
+                    tail(&seen, 20)
+                ))
+            }
+            Ok(None) => {
+                return Err(format!(
+                    "socket ended before {needle:?}; saw: {}",
+                    tail(&seen, 20)
+                ))
+            }
             Ok(Some(Err(e))) => return Err(format!("socket error {e}; saw: {}", tail(&seen, 20))),
             Ok(Some(Ok(Message::Text(t)))) => {
                 seen.push_str(&t);
@@ -49,7 +64,9 @@ async fn read_until(ws: &mut Ws, needle: &str, within: Duration) -> Result<Strin
                     return Ok(seen);
                 }
             }
-            Ok(Some(Ok(Message::Close(c)))) => return Err(format!("closed {c:?} before {needle:?}")),
+            Ok(Some(Ok(Message::Close(c)))) => {
+                return Err(format!("closed {c:?} before {needle:?}"))
+            }
             Ok(Some(Ok(_))) => {}
         }
     }
@@ -78,15 +95,50 @@ async fn post_marimo(
 /// Sets up a second member who sees the notebook through a shared team; returns their API key.
 async fn viewer_with_access(m: &Marina, notebook: &str) -> String {
     let admin = &m.admin_key;
-    let member = m.ok(admin, "POST", "/iam/members", Some(json!({"name": "Vera Viewer"})), 201).await;
-    let member_id = member["id"].as_str().unwrap().to_owned();
-    let team = m.ok(admin, "POST", "/iam/teams", Some(json!({"name": "analysts"})), 201).await;
-    let team_id = team["id"].as_str().unwrap().to_owned();
-    m.ok(admin, "POST", &format!("/iam/teams/{team_id}/members"), Some(json!({"memberIds": [member_id]})), 200).await;
-    m.ok(admin, "POST", &format!("/workloads/notebooks/{notebook}/teams"), Some(json!({"teamIds": [team_id]})), 200)
+    let member = m
+        .ok(
+            admin,
+            "POST",
+            "/iam/members",
+            Some(json!({"name": "Vera Viewer"})),
+            201,
+        )
         .await;
+    let member_id = member["id"].as_str().unwrap().to_owned();
+    let team = m
+        .ok(
+            admin,
+            "POST",
+            "/iam/teams",
+            Some(json!({"name": "analysts"})),
+            201,
+        )
+        .await;
+    let team_id = team["id"].as_str().unwrap().to_owned();
+    m.ok(
+        admin,
+        "POST",
+        &format!("/iam/teams/{team_id}/members"),
+        Some(json!({"memberIds": [member_id]})),
+        200,
+    )
+    .await;
+    m.ok(
+        admin,
+        "POST",
+        &format!("/workloads/notebooks/{notebook}/teams"),
+        Some(json!({"teamIds": [team_id]})),
+        200,
+    )
+    .await;
     let key = m
-        .ok(admin, "POST", &format!("/iam/members/{member_id}/api-keys"), Some(json!({"name": "vera"})), 201)
+        .ok(
+            admin,
+            "POST",
+            &format!("/iam/members/{member_id}/api-keys"),
+            Some(json!({"name": "vera"})),
+            201,
+        )
         .await;
     key["secret"].as_str().expect("api key secret").to_owned()
 }
@@ -98,21 +150,47 @@ async fn a_notebook_runs_spark_through_the_edge_and_viewers_only_mirror_it() {
     let viewer_key = viewer_with_access(&m, &nb).await;
 
     // Start: stopped → starting → running, with real Sail and Marimo processes.
-    let started = m.ok(&m.admin_key, "POST", &format!("/workloads/notebooks/{nb}/start"), None, 200).await;
+    let started = m
+        .ok(
+            &m.admin_key,
+            "POST",
+            &format!("/workloads/notebooks/{nb}/start"),
+            None,
+            200,
+        )
+        .await;
     assert_eq!(started["status"], "starting");
-    m.wait_status(&nb, "running", Duration::from_secs(180)).await;
+    m.wait_status(&nb, "running", Duration::from_secs(180))
+        .await;
 
     // The owner's one-time URL: 303 with a host-only, HttpOnly, SameSite=Strict cookie, and a
     // Location without the token.
-    let open = m.ok(&m.admin_key, "POST", &format!("/workloads/notebooks/{nb}/open"), None, 200).await;
+    let open = m
+        .ok(
+            &m.admin_key,
+            "POST",
+            &format!("/workloads/notebooks/{nb}/open"),
+            None,
+            200,
+        )
+        .await;
     let url = open["url"].as_str().unwrap().to_owned();
-    assert!(url.starts_with(&format!("{}/notebooks/{nb}/_auth?token=", m.edge)), "{url}");
+    assert!(
+        url.starts_with(&format!("{}/notebooks/{nb}/_auth?token=", m.edge)),
+        "{url}"
+    );
     let (owner, headers) = redeem(&m.http, &url).await.expect("owner handshake");
     let set_cookie = headers["set-cookie"].to_str().unwrap();
     assert!(set_cookie.contains("HttpOnly"), "{set_cookie}");
     assert!(set_cookie.contains("SameSite=Strict"), "{set_cookie}");
-    assert!(!set_cookie.to_ascii_lowercase().contains("domain="), "host-only: {set_cookie}");
-    assert!(!headers["location"].to_str().unwrap().contains("token"), "token left in Location");
+    assert!(
+        !set_cookie.to_ascii_lowercase().contains("domain="),
+        "host-only: {set_cookie}"
+    );
+    assert!(
+        !headers["location"].to_str().unwrap().contains("token"),
+        "token left in Location"
+    );
     assert_eq!(headers["cache-control"], "no-store");
     assert_eq!(headers["referrer-policy"], "no-referrer");
 
@@ -122,56 +200,148 @@ async fn a_notebook_runs_spark_through_the_edge_and_viewers_only_mirror_it() {
     assert!(page.to_lowercase().contains("already"), "{page}");
 
     // The notebook page loads through the edge, framed only by the host page's origin.
-    let page = m.http.get(&owner.base).header("cookie", &owner.cookie).send().await.unwrap();
+    let page = m
+        .http
+        .get(&owner.base)
+        .header("cookie", &owner.cookie)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(page.status(), 200);
-    let csp = page.headers()["content-security-policy"].to_str().unwrap().to_owned();
+    let csp = page.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_owned();
     assert!(csp.contains(&format!("frame-ancestors {}", m.api)), "{csp}");
     let token = server_token(&page.text().await.unwrap());
 
     // The owner's kernel session, over the edge's WebSocket relay.
-    let mut owner_ws = connect_ws(&owner, "ws?session_id=s_owner1").await.expect("owner ws");
-    read_until(&mut owner_ws, "kernel-ready", Duration::from_secs(60)).await.unwrap();
+    let mut owner_ws = connect_ws(&owner, "ws?session_id=s_owner1")
+        .await
+        .expect("owner ws");
+    read_until(&mut owner_ws, "kernel-ready", Duration::from_secs(60))
+        .await
+        .unwrap();
 
     // Run a cell that queries the notebook's own Sail server through Spark Connect.
     let code = "from pyspark.sql import SparkSession as _S\nprint('answer', _S.builder.getOrCreate().sql('select 41 + 1 as a').collect()[0].a)";
     let run = json!({"cellIds": ["e2ecell01"], "codes": [code]});
-    assert_eq!(post_marimo(&m.http, &owner, "api/kernel/run", "s_owner1", &token, run).await, 200);
-    read_until(&mut owner_ws, "answer 42", Duration::from_secs(90)).await.expect("spark result on the owner's socket");
+    assert_eq!(
+        post_marimo(&m.http, &owner, "api/kernel/run", "s_owner1", &token, run).await,
+        200
+    );
+    read_until(&mut owner_ws, "answer 42", Duration::from_secs(90))
+        .await
+        .expect("spark result on the owner's socket");
 
     // A team member gets a view URL: the page and a kiosk mirror of the owner's session.
-    let open = m.ok(&viewer_key, "POST", &format!("/workloads/notebooks/{nb}/open"), None, 200).await;
-    let (viewer, _) = redeem(&m.http, open["url"].as_str().unwrap()).await.expect("viewer handshake");
-    let page = m.http.get(&viewer.base).header("cookie", &viewer.cookie).send().await.unwrap();
+    let open = m
+        .ok(
+            &viewer_key,
+            "POST",
+            &format!("/workloads/notebooks/{nb}/open"),
+            None,
+            200,
+        )
+        .await;
+    let (viewer, _) = redeem(&m.http, open["url"].as_str().unwrap())
+        .await
+        .expect("viewer handshake");
+    let page = m
+        .http
+        .get(&viewer.base)
+        .header("cookie", &viewer.cookie)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(page.status(), 200);
-    let mut viewer_ws = connect_ws(&viewer, "ws?session_id=s_viewr1").await.expect("viewer ws");
-    let seen = read_until(&mut viewer_ws, "kernel-ready", Duration::from_secs(30)).await.unwrap();
-    assert!(seen.contains("\"kiosk\": true") || seen.contains("\"kiosk\":true"), "viewer not in kiosk: {seen}");
+    let mut viewer_ws = connect_ws(&viewer, "ws?session_id=s_viewr1")
+        .await
+        .expect("viewer ws");
+    let seen = read_until(&mut viewer_ws, "kernel-ready", Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(
+        seen.contains("\"kiosk\": true") || seen.contains("\"kiosk\":true"),
+        "viewer not in kiosk: {seen}"
+    );
 
     // What the viewer may not do, even presenting the owner's browser session id.
     let run = json!({"cellIds": ["e2ecell02"], "codes": ["print('viewer was here')"]});
     for sid in ["s_viewr1", "s_owner1"] {
-        assert_eq!(post_marimo(&m.http, &viewer, "api/kernel/run", sid, &token, run.clone()).await, 403);
+        assert_eq!(
+            post_marimo(&m.http, &viewer, "api/kernel/run", sid, &token, run.clone()).await,
+            403
+        );
     }
     let save = json!({"cellIds": [], "codes": [], "names": [], "configs": [], "filename": "x.py"});
-    assert_eq!(post_marimo(&m.http, &viewer, "api/kernel/save", "s_viewr1", &token, save).await, 403);
-    assert_eq!(post_marimo(&m.http, &viewer, "api/kernel/takeover", "s_viewr1", &token, json!({})).await, 403);
-    assert!(connect_ws(&viewer, "terminal/ws").await.is_err(), "viewer reached the terminal");
+    assert_eq!(
+        post_marimo(
+            &m.http,
+            &viewer,
+            "api/kernel/save",
+            "s_viewr1",
+            &token,
+            save
+        )
+        .await,
+        403
+    );
+    assert_eq!(
+        post_marimo(
+            &m.http,
+            &viewer,
+            "api/kernel/takeover",
+            "s_viewr1",
+            &token,
+            json!({})
+        )
+        .await,
+        403
+    );
+    assert!(
+        connect_ws(&viewer, "terminal/ws").await.is_err(),
+        "viewer reached the terminal"
+    );
 
     // The owner's next output reaches the viewer's mirror live.
     let run = json!({"cellIds": ["e2ecell03"], "codes": ["print('answer', 6 * 7 + 1)"]});
-    assert_eq!(post_marimo(&m.http, &owner, "api/kernel/run", "s_owner1", &token, run).await, 200);
-    read_until(&mut viewer_ws, "answer 43", Duration::from_secs(60)).await.expect("viewer mirrors the owner");
+    assert_eq!(
+        post_marimo(&m.http, &owner, "api/kernel/run", "s_owner1", &token, run).await,
+        200
+    );
+    read_until(&mut viewer_ws, "answer 43", Duration::from_secs(60))
+        .await
+        .expect("viewer mirrors the owner");
     let _ = owner_ws.send(Message::Close(None)).await;
     let _ = viewer_ws.send(Message::Close(None)).await;
 
     // Stop: both process trees go away, and the edge stops routing the old cookie.
-    let stopped = m.ok(&m.admin_key, "POST", &format!("/workloads/notebooks/{nb}/stop"), None, 200).await;
+    let stopped = m
+        .ok(
+            &m.admin_key,
+            "POST",
+            &format!("/workloads/notebooks/{nb}/stop"),
+            None,
+            200,
+        )
+        .await;
     assert_eq!(stopped["status"], "stopping");
     m.wait_status(&nb, "stopped", Duration::from_secs(60)).await;
     let nb_dir = m.dir.path().join("notebooks").join(&nb);
     let left = processes_mentioning(&nb_dir.to_string_lossy());
     assert!(left.is_empty(), "processes left after stop: {left:?}");
     tokio::time::sleep(Duration::from_secs(3)).await; // the edge's routes feed catches up
-    let after = m.http.get(&owner.base).header("cookie", &owner.cookie).send().await.unwrap();
-    assert!(matches!(after.status().as_u16(), 404 | 409), "after stop: {}", after.status());
+    let after = m
+        .http
+        .get(&owner.base)
+        .header("cookie", &owner.cookie)
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        matches!(after.status().as_u16(), 404 | 409),
+        "after stop: {}",
+        after.status()
+    );
 }
