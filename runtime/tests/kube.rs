@@ -143,8 +143,12 @@ impl FakeApi {
             query: query.to_owned(),
             body: body.clone(),
         });
-        let prefix = format!("/api/v1/namespaces/{NS}/");
-        let Some(rest) = path.strip_prefix(&prefix) else {
+        let core = format!("/api/v1/namespaces/{NS}/");
+        let networking = format!("/apis/networking.k8s.io/v1/namespaces/{NS}/");
+        let Some(rest) = path
+            .strip_prefix(&core)
+            .or_else(|| path.strip_prefix(&networking))
+        else {
             return not_found(path);
         };
         let (kind, name) = match rest.split_once('/') {
@@ -199,6 +203,7 @@ impl FakeApi {
                 let list_kind = match kind.as_str() {
                     "pods" => "PodList",
                     "services" => "ServiceList",
+                    "networkpolicies" => "NetworkPolicyList",
                     _ => "SecretList",
                 };
                 (
@@ -298,7 +303,12 @@ async fn start_applies_both_pods_and_services_and_waits_until_ready() {
             );
             assert_eq!(query_param(&r.query, "force").as_deref(), Some("true"));
             // Server-side apply needs the full type in the body.
-            assert_eq!(r.body["apiVersion"], "v1", "{r:?}");
+            let group = if r.path.starts_with("/api/v1/") {
+                "v1"
+            } else {
+                "networking.k8s.io/v1"
+            };
+            assert_eq!(r.body["apiVersion"], group, "{r:?}");
             assert!(r.body["kind"].is_string(), "{r:?}");
             r.path
                 .rsplit_once("/namespaces/marina-notebooks/")
@@ -310,6 +320,7 @@ async fn start_applies_both_pods_and_services_and_waits_until_ready() {
     assert_eq!(
         applies,
         [
+            format!("networkpolicies/{sail}"),
             format!("pods/{sail}"),
             format!("services/{sail}"),
             format!("pods/{marimo}"),
@@ -446,6 +457,22 @@ async fn start_applies_both_pods_and_services_and_waits_until_ready() {
         format!("uid-{marimo}")
     );
     assert_eq!(rt.health(id).await.unwrap(), Health::Healthy);
+
+    // Only the notebook's own pods reach its Sail pods.
+    let policy = api.object("networkpolicies", sail);
+    assert_eq!(
+        policy["spec"]["podSelector"]["matchLabels"]["marina.dev/notebook"],
+        "A1B2C3D4E5"
+    );
+    assert_eq!(
+        policy["spec"]["podSelector"]["matchExpressions"][0]["values"],
+        json!(["sail", "sail-worker"])
+    );
+    assert_eq!(policy["spec"]["policyTypes"], json!(["Ingress"]));
+    assert_eq!(
+        policy["spec"]["ingress"],
+        json!([{"from": [{"podSelector": {"matchLabels": {"marina.dev/notebook": "A1B2C3D4E5"}}}]}])
+    );
 
     // A new start replaces the previous incarnation before creating pods.
     api.clear_requests();
@@ -618,7 +645,9 @@ async fn stop_deletes_pods_workers_services_and_secret() {
     assert!(remaining("pods").is_empty(), "{:?}", api.names("pods"));
     assert!(remaining("services").is_empty());
     assert!(remaining("secrets").is_empty());
+    assert!(remaining("networkpolicies").is_empty());
     assert_eq!(api.names("pods").len(), 2, "the other notebook's pods stay");
+    assert_eq!(api.names("networkpolicies").len(), 1);
     assert_eq!(rt.health(id).await.unwrap(), Health::Missing);
     // Stopping what does not exist is not an error (404s are fine).
     rt.stop(id).await.unwrap();
@@ -657,7 +686,7 @@ async fn reconcile_sweeps_unexpected_objects_and_adopts_ready_ones() {
     let adopted = rt.reconcile(&expected).await.unwrap();
     assert_eq!(adopted, vec![a]);
     let lower_b = b.to_lowercase();
-    for kind in ["pods", "services", "secrets"] {
+    for kind in ["pods", "services", "secrets", "networkpolicies"] {
         let names = api.names(kind);
         assert!(
             !names
@@ -697,4 +726,5 @@ async fn reconcile_sweeps_unexpected_objects_and_adopts_ready_ones() {
     assert!(api.names("pods").is_empty());
     assert!(api.names("services").is_empty());
     assert!(api.names("secrets").is_empty());
+    assert!(api.names("networkpolicies").is_empty());
 }

@@ -5,14 +5,15 @@
 //! - Objects are created with server-side apply (field manager `marina`), so repeating a call
 //!   is harmless. Pods are immutable, so a start first removes any pod of the notebook left
 //!   by an earlier incarnation, and every start creates fresh pods.
-//! - Order: Sail pod, its Service (owned by the pod), Marimo pod, its token Secret and
+//! - Order: the NetworkPolicy closing the Sail pods to all but the notebook's own pods, the
+//!   Sail pod, its Service (owned by the pod), Marimo pod, its token Secret and
 //!   Service (owned by the Marimo pod). The kubelet keeps the Marimo pod in `ContainerCreating`
 //!   until the Secret it mounts exists, so creating the Secret after the pod is safe, and lets
 //!   the pod own it.
 //! - `start` polls both pods until they are `Ready`; a reason that will not resolve (image pull
 //!   errors, crash loops, lasting unschedulability) fails the attempt with that reason.
 //! - `stop` deletes every pod labelled with the notebook (Sail's worker pods included),
-//!   the Services and the Secret, and waits until the pods are gone.
+//!   the Services, the Secret and the NetworkPolicy, and waits until the pods are gone.
 //! - `reconcile` is a sweep: objects whose notebook/session the store does not expect are
 //!   deleted, expected notebooks whose pods are ready are adopted.
 
@@ -26,6 +27,7 @@ use ::kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use ::kube::Client;
 use async_trait::async_trait;
 use k8s_openapi::api::core::v1::{Pod, Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use marina_config::settings::KubernetesSettings;
 use marina_config::{Id, Settings};
 use serde_json::Value;
@@ -106,6 +108,9 @@ impl KubeRuntime {
     fn secrets(&self) -> Api<Secret> {
         Api::namespaced(self.client.clone(), &self.settings.namespace)
     }
+    fn policies(&self) -> Api<NetworkPolicy> {
+        Api::namespaced(self.client.clone(), &self.settings.namespace)
+    }
 
     fn apply_params() -> PatchParams {
         // `force`: Marina is the only writer of these objects; take over any field another
@@ -166,7 +171,9 @@ impl KubeRuntime {
         for name in [sail_name(id), marimo_name(id)] {
             self.delete_named(&self.services(), &name).await?;
         }
-        self.delete_named(&self.secrets(), &secret_name(id)).await
+        self.delete_named(&self.secrets(), &secret_name(id)).await?;
+        // Deleted last: the Sail pods it protects are already going.
+        self.delete_named(&self.policies(), &sail_name(id)).await
     }
 
     async fn state_of(&self, name: &str) -> Result<Option<PodState>, RuntimeError> {
@@ -227,6 +234,15 @@ impl KubeRuntime {
         }
 
         let token = random_token();
+        let policy = objects::sail_network_policy(id, spec.session_id);
+        self.policies()
+            .patch(
+                &sail_name(id),
+                &Self::apply_params(),
+                &Patch::Apply(&policy),
+            )
+            .await
+            .map_err(|e| RuntimeError::StartFailed(format!("creating the network policy: {e}")))?;
         let sail_uid = self
             .apply_pod(&objects::sail_pod(spec, &self.settings))
             .await?;
@@ -369,6 +385,11 @@ impl Runtime for KubeRuntime {
             .list(&lp)
             .await
             .map_err(|e| backend("listing secrets", e))?;
+        let policies = self
+            .policies()
+            .list(&lp)
+            .await
+            .map_err(|e| backend("listing network policies", e))?;
 
         // Unexpected (notebook, session) pairs, from every kind of object.
         let mut stray: BTreeSet<(Id, Option<Id>)> = BTreeSet::new();
@@ -377,7 +398,8 @@ impl Runtime for KubeRuntime {
             .iter()
             .map(|p| p.metadata.labels.as_ref())
             .chain(services.items.iter().map(|s| s.metadata.labels.as_ref()))
-            .chain(secrets.items.iter().map(|s| s.metadata.labels.as_ref()));
+            .chain(secrets.items.iter().map(|s| s.metadata.labels.as_ref()))
+            .chain(policies.items.iter().map(|s| s.metadata.labels.as_ref()));
         for labels in labels_of {
             if let Some((id, session)) = owner_labels(labels) {
                 if !session.is_some_and(|s| wanted.contains(&(id, s))) {
@@ -415,6 +437,13 @@ impl Runtime for KubeRuntime {
                 if owner_labels(s.metadata.labels.as_ref()) == Some((*id, *session)) {
                     if let Some(name) = &s.metadata.name {
                         self.delete_named(&self.secrets(), name).await?;
+                    }
+                }
+            }
+            for p in &policies.items {
+                if owner_labels(p.metadata.labels.as_ref()) == Some((*id, *session)) {
+                    if let Some(name) = &p.metadata.name {
+                        self.delete_named(&self.policies(), name).await?;
                     }
                 }
             }

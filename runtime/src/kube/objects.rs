@@ -8,6 +8,7 @@
 //! | Pod | `nb-<id>-marimo` | `marimo edit` on 2718, `GET <base>/health` readiness probe |
 //! | Service | `nb-<id>-marimo` | owned by the Marimo pod; the edge's upstream |
 //! | Secret | `nb-<id>-marimo-token` | Marimo's token, owned by the Marimo pod, mounted as a file |
+//! | NetworkPolicy | `nb-<id>-sail` | only the notebook's own pods may reach its Sail pods |
 //!
 //! `<id>` is the notebook id in lower case (object names must be DNS labels). Every object
 //! carries the labels of [`labels`], which is how `stop` and the sweep find them, Sail's
@@ -308,5 +309,29 @@ pub fn token_secret(id: Id, session: Id, token: &str, marimo_uid: &str) -> Value
         },
         "type": "Opaque",
         "stringData": {"token": token},
+    })
+}
+
+/// Sail's Spark Connect port has no authentication and lets clients read and write the Sail
+/// pod's filesystem, so only the notebook's own pods (its Marimo pod, its Sail driver and
+/// workers) may connect to its Sail pods. A pod selected by any NetworkPolicy accepts only
+/// what some policy allows, so this one policy closes the Sail pods to everything else.
+/// It is created before the Sail pod (so the pod is never reachable unprotected) and hence
+/// carries no owner reference: `stop` and the sweep delete it by name and label.
+pub fn sail_network_policy(id: Id, session: Id) -> Value {
+    json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": sail_name(id), "labels": labels(id, session, "sail")},
+        "spec": {
+            "podSelector": {
+                "matchLabels": {NOTEBOOK: id.to_string()},
+                "matchExpressions": [
+                    {"key": COMPONENT, "operator": "In", "values": ["sail", "sail-worker"]},
+                ],
+            },
+            "policyTypes": ["Ingress"],
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {NOTEBOOK: id.to_string()}}}]}],
+        },
     })
 }

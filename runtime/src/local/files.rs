@@ -154,3 +154,45 @@ pub fn host_port(host: &str, port: u16) -> String {
         format!("{host}:{port}")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_notebook_image_ships_the_same_default_notebook() {
+        let image_copy = include_str!("../../../deploy/notebook-image/notebook.py");
+        assert_eq!(image_copy, DEFAULT_NOTEBOOK);
+    }
+
+    #[test]
+    fn run_record_round_trips_privately() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = Id::random();
+        let proc = ProcId {
+            pid: 42,
+            start_ticks: Some(7),
+            boot_id: None,
+        };
+        let record = RunRecord {
+            notebook_id: id,
+            session_id: Id::random(),
+            host: "127.0.0.1".into(),
+            base_url: Some(format!("/notebooks/{id}")),
+            sail: ServerRecord {
+                proc: proc.clone(),
+                port: 1,
+            },
+            marimo: Some(ServerRecord { proc, port: 2 }),
+            token: "t".into(),
+        };
+        let path = dir.path().join("run.json");
+        record.write(&path).unwrap();
+        assert_eq!(RunRecord::read(&path).unwrap(), record);
+        assert_eq!(
+            record.health_url().unwrap(),
+            format!("http://127.0.0.1:2/notebooks/{id}/health")
+        );
+        assert_eq!(host_port("::1", 5), "[::1]:5");
+    }
+}
