@@ -33,7 +33,7 @@ use tokio::task::AbortHandle;
 
 use crate::db::{bump_routes, get_id, get_opt_id, now_ms};
 use crate::error::{ApiError, StoreError};
-use crate::model::{Notebook, Status, UP_STATES};
+use crate::model::{Notebook, Status, NOTEBOOK_RETURNING, UP_STATES};
 use crate::state::AppState;
 
 /// A ping counts as "a browser is connected" for this long: the seed asks the host to ping
@@ -108,31 +108,34 @@ async fn sail_config(state: &AppState, config_id: Id) -> Result<SailConfig, ApiE
 }
 
 /// `stopped`/`failed` → `starting` with a new session id, then drives the start in the
-/// background.
-pub async fn start(state: &AppState, nb: &Notebook, by: Id) -> Result<(), ApiError> {
+/// background. Returns the notebook as the transition left it (the driver may have moved on
+/// by the time the caller looks again).
+pub async fn start(state: &AppState, nb: &Notebook, by: Id) -> Result<Notebook, ApiError> {
     let sail = sail_config(state, nb.workload_config_id).await?;
     let session = Id::random();
     let now = now_ms();
-    let res = sqlx::query(
+    let row = sqlx::query(&format!(
         "UPDATE notebooks SET status = 'starting', session_id = $1, status_message = NULL,
             upstream = NULL, upstream_token = NULL, running_since = NULL, detached_since = NULL,
             last_ping_at = NULL, updated_at = $2, updated_by = $3
-         WHERE id = $4 AND status IN ('stopped', 'failed')",
-    )
+         WHERE id = $4 AND status IN ('stopped', 'failed')
+         RETURNING {NOTEBOOK_RETURNING}"
+    ))
     .bind(session.to_string())
     .bind(now)
     .bind(by.to_string())
     .bind(nb.id.to_string())
-    .execute(&state.db.pool)
+    .fetch_optional(&state.db.pool)
     .await?;
-    if res.rows_affected() == 0 {
+    let Some(row) = row else {
         let status = current_status(state, nb.id)
             .await?
             .ok_or_else(ApiError::notebook_not_found)?;
         return Err(invalid_state("start", status, "stopped or failed"));
-    }
+    };
+    let started = Notebook::from_row(&row, state.detached_timeout())?;
     spawn_start(state, nb.id, session, sail);
-    Ok(())
+    Ok(started)
 }
 
 fn spawn_start(state: &AppState, id: Id, session: Id, sail: SailConfig) {
@@ -288,7 +291,7 @@ pub async fn stop(
     nb: &Notebook,
     by: Option<Id>,
     message: Option<String>,
-) -> Result<(), ApiError> {
+) -> Result<Notebook, ApiError> {
     let mut tx = state.db.pool.begin().await?;
     bump_routes(&mut tx).await?;
     let (who_sql, who) = match by {
@@ -297,14 +300,14 @@ pub async fn stop(
     };
     let sql = format!(
         "UPDATE notebooks SET status = 'stopping', status_message = $1{who_sql}
-         WHERE id = $2 AND status IN ('starting', 'running', 'idle', 'detached')"
+         WHERE id = $2 AND status IN ('starting', 'running', 'idle', 'detached')
+         RETURNING {NOTEBOOK_RETURNING}"
     );
     let mut q = sqlx::query(&sql).bind(message).bind(nb.id.to_string());
     if let Some(who) = who {
         q = q.bind(now_ms()).bind(who);
     }
-    let res = q.execute(&mut *tx).await?;
-    if res.rows_affected() == 0 {
+    let Some(row) = q.fetch_optional(&mut *tx).await? else {
         tx.rollback().await?;
         let status = current_status(state, nb.id)
             .await?
@@ -314,11 +317,12 @@ pub async fn stop(
             status,
             "starting, running, idle or detached",
         ));
-    }
+    };
+    let stopping = Notebook::from_row(&row, state.detached_timeout())?;
     tx.commit().await?;
     state.routes_changed.notify_waiters();
     spawn_stop(state, nb.id);
-    Ok(())
+    Ok(stopping)
 }
 
 fn spawn_stop(state: &AppState, id: Id) {
@@ -649,7 +653,7 @@ async fn stop_by_monitor(state: &AppState, id: Id, event: &str, message: String)
         Err(_) => return,
     };
     match stop(state, &nb, None, Some(message)).await {
-        Ok(()) => {
+        Ok(_) => {
             state.metrics.event(event);
             tracing::info!(notebook = %id, reason = event, "monitor stopped a notebook");
         }

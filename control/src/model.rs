@@ -133,6 +133,9 @@ pub struct Notebook {
 /// Columns [`Notebook::from_row`] reads, prefixed with `n.`.
 pub const NOTEBOOK_COLUMNS: &str = "n.id, n.org_id, n.member_id, n.workload_config_id, n.name, n.description, n.status, n.status_message, n.idle_timeout_seconds, n.last_active_at, n.session_id, n.created_at, n.created_by, n.updated_at, n.updated_by";
 
+/// The same columns, unqualified (for `RETURNING`).
+pub const NOTEBOOK_RETURNING: &str = "id, org_id, member_id, workload_config_id, name, description, status, status_message, idle_timeout_seconds, last_active_at, session_id, created_at, created_by, updated_at, updated_by";
+
 impl Notebook {
     pub fn from_row(row: &AnyRow, detached_timeout_seconds: i64) -> Result<Notebook, StoreError> {
         let status: String = row.try_get("status")?;

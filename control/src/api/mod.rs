@@ -2,7 +2,7 @@
 //! endpoints, with the observe middleware (metrics, error logging) around all of it.
 //!
 //! - [`notebooks`]: the seed's thirteen `/workloads/…` endpoints.
-//! - [`configs`]: `/workloads/configs…`.
+//! - [`configs`]: the workload config endpoints.
 //! - [`iam`]: `/iam/…` (members, teams, membership, API keys, me).
 //! - [`internal`]: `/internal/v1/…` for the edge.
 //! - [`ops`]: `/healthz`, `/readyz`, `/metrics`, `/openapi.json`, the host page.

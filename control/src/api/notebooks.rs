@@ -540,8 +540,7 @@ pub async fn notebooks_start(
     let id = path_id("notebook", &notebook)?;
     let nb = fetch_visible(&state, &p, id).await?;
     may_manage(&p, &nb)?;
-    lifecycle::start(&state, &nb, p.member_id).await?;
-    Ok(AxumJson(fetch_by_id(&state, id).await?))
+    Ok(AxumJson(lifecycle::start(&state, &nb, p.member_id).await?))
 }
 
 /// Stop: `starting`/`running`/`idle`/`detached` → `stopping`.
@@ -557,8 +556,9 @@ pub async fn notebooks_stop(
     let id = path_id("notebook", &notebook)?;
     let nb = fetch_visible(&state, &p, id).await?;
     may_manage(&p, &nb)?;
-    lifecycle::stop(&state, &nb, Some(p.member_id), None).await?;
-    Ok(AxumJson(fetch_by_id(&state, id).await?))
+    Ok(AxumJson(
+        lifecycle::stop(&state, &nb, Some(p.member_id), None).await?,
+    ))
 }
 
 fn not_running(nb: &Notebook) -> ApiError {
