@@ -175,12 +175,13 @@ impl Policy {
         &self,
         keys: &CookieKeys,
         id: &Identity,
-        method: &Method,
-        uri: &mut Uri,
-        headers: &mut http::HeaderMap,
+        parts: &mut http::request::Parts,
         base_len: usize,
         upgrade: bool,
     ) -> Result<Decision, EdgeError> {
+        let method = &parts.method;
+        let uri = &mut parts.uri;
+        let headers = &mut parts.headers;
         let path = uri.path();
         let rel = &path[base_len.min(path.len())..];
         let rel = if rel.is_empty() { "/" } else { rel };
@@ -366,6 +367,16 @@ mod tests {
         }
     }
 
+    fn parts(method: &str, uri: &str) -> http::request::Parts {
+        http::Request::builder()
+            .method(Method::from_bytes(method.as_bytes()).unwrap())
+            .uri(uri)
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0
+    }
+
     fn keys() -> CookieKeys {
         CookieKeys::new(&[[3; 32]]).unwrap()
     }
@@ -378,22 +389,14 @@ mod tests {
         path: &str,
         upgrade: bool,
     ) -> Result<(Uri, http::HeaderMap, Decision), ErrorKind> {
-        let mut uri: Uri = path.parse().unwrap();
-        let mut headers = http::HeaderMap::new();
-        headers.insert(SESSION_HEADER, HeaderValue::from_static("s_abc123"));
-        headers.insert(STABLE_SESSION_HEADER, HeaderValue::from_static("stable"));
-        let m = Method::from_bytes(method.as_bytes()).unwrap();
+        let mut p = parts(method, path);
+        p.headers
+            .insert(SESSION_HEADER, HeaderValue::from_static("s_abc123"));
+        p.headers
+            .insert(STABLE_SESSION_HEADER, HeaderValue::from_static("stable"));
         policy
-            .authorize(
-                &keys(),
-                &ident(mode),
-                &m,
-                &mut uri,
-                &mut headers,
-                0,
-                upgrade,
-            )
-            .map(|d| (uri, headers, d))
+            .authorize(&keys(), &ident(mode), &mut p, 0, upgrade)
+            .map(|d| (p.uri, p.headers, d))
             .map_err(|e| e.kind)
     }
 
@@ -659,32 +662,16 @@ mod tests {
         assert!(!uri.query().unwrap().contains("kiosk"));
         assert!(!uri.query().unwrap().contains("s_abc123"));
         // Malformed ids are refused.
-        let mut uri: Uri = "/ws?session_id=s_ABC123".parse().unwrap();
+        let mut p = parts("GET", "/ws?session_id=s_ABC123");
         let e = STRICT
-            .authorize(
-                &keys(),
-                &ident(AccessMode::Edit),
-                &Method::GET,
-                &mut uri,
-                &mut http::HeaderMap::new(),
-                0,
-                true,
-            )
+            .authorize(&keys(), &ident(AccessMode::Edit), &mut p, 0, true)
             .unwrap_err();
         assert_eq!(e.kind, ErrorKind::DeniedSessionId);
-        let mut h = http::HeaderMap::new();
-        h.insert(SESSION_HEADER, HeaderValue::from_static("owner-session"));
-        let mut uri: Uri = "/api/kernel/run".parse().unwrap();
+        let mut p = parts("POST", "/api/kernel/run");
+        p.headers
+            .insert(SESSION_HEADER, HeaderValue::from_static("owner-session"));
         let e = STRICT
-            .authorize(
-                &keys(),
-                &ident(AccessMode::Edit),
-                &Method::POST,
-                &mut uri,
-                &mut h,
-                0,
-                false,
-            )
+            .authorize(&keys(), &ident(AccessMode::Edit), &mut p, 0, false)
             .unwrap_err();
         assert_eq!(e.kind, ErrorKind::DeniedSessionId);
     }
@@ -707,30 +694,14 @@ mod tests {
 
     #[test]
     fn path_mode_prefix_is_skipped() {
-        let mut uri: Uri = "/notebooks/NOTEBOOK01/api/kernel/run".parse().unwrap();
+        let mut p = parts("POST", "/notebooks/NOTEBOOK01/api/kernel/run");
         let e = STRICT
-            .authorize(
-                &keys(),
-                &ident(AccessMode::View),
-                &Method::POST,
-                &mut uri,
-                &mut http::HeaderMap::new(),
-                21,
-                false,
-            )
+            .authorize(&keys(), &ident(AccessMode::View), &mut p, 21, false)
             .unwrap_err();
         assert_eq!(e.kind, ErrorKind::DeniedReadOnly);
-        let mut uri: Uri = "/notebooks/NOTEBOOK01/".parse().unwrap();
+        let mut p = parts("GET", "/notebooks/NOTEBOOK01/");
         assert!(STRICT
-            .authorize(
-                &keys(),
-                &ident(AccessMode::View),
-                &Method::GET,
-                &mut uri,
-                &mut http::HeaderMap::new(),
-                21,
-                false
-            )
+            .authorize(&keys(), &ident(AccessMode::View), &mut p, 21, false)
             .is_ok());
     }
 }

@@ -136,9 +136,13 @@ impl Edge {
                 settings.data_dir.join("edge-replay.log"),
                 now_s(),
             )?),
-            ReplayChoice::Control => ReplayStore::Control(control.clone().ok_or_else(|| {
-                ProxyError::Config("proxy.replay_store = control needs proxy.control_url".into())
-            })?),
+            ReplayChoice::Control => {
+                ReplayStore::Control(Box::new(control.clone().ok_or_else(|| {
+                    ProxyError::Config(
+                        "proxy.replay_store = control needs proxy.control_url".into(),
+                    )
+                })?))
+            }
         };
         let routes = Arc::new(RouteTable::new(metrics, addressing.clone()));
         let source = match &p.routes_file {
@@ -468,9 +472,7 @@ async fn pipeline(
     let decision = shared.policy.authorize(
         &shared.auth.keys,
         &identity,
-        &parts.method,
-        &mut parts.uri,
-        &mut parts.headers,
+        &mut parts,
         loc.base_len,
         upgrade,
     )?;

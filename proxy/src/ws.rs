@@ -798,7 +798,7 @@ mod tests {
         if masked {
             v.extend_from_slice(&[1, 2, 3, 4]);
         }
-        v.extend(std::iter::repeat(b'x').take(len));
+        v.extend(std::iter::repeat_n(b'x', len));
         v
     }
 

@@ -118,7 +118,7 @@ impl Authenticator {
         route: Option<&RouteEntry>,
         now: u64,
     ) -> Result<Handshake, EdgeError> {
-        if &path[loc.base_len..] != self.handshake_path {
+        if path[loc.base_len..] != self.handshake_path {
             return Err(EdgeError::new(
                 ErrorKind::NotFound,
                 "under the handshake path",

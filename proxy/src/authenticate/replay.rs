@@ -22,7 +22,8 @@ use crate::error::{EdgeError, ErrorKind, ProxyError};
 
 pub enum ReplayStore {
     Memory(MemoryReplay),
-    Control(ControlClient),
+    /// Boxed: the client is large next to the in-memory store.
+    Control(Box<ControlClient>),
 }
 
 // === impl ReplayStore ===

@@ -169,8 +169,10 @@ impl TestEdge {
             .data_dir
             .clone()
             .unwrap_or_else(|| dir.path().join("data"));
-        let mut s = Settings::default();
-        s.data_dir = data_dir.clone();
+        let mut s = Settings {
+            data_dir: data_dir.clone(),
+            ..Settings::default()
+        };
         s.proxy.listen = addr;
         s.proxy.admin_listen = admin_addr;
         s.proxy.public_url = format!("http://{addr}");
