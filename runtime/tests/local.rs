@@ -95,6 +95,8 @@ async fn wait_until_gone(dir: &Path) -> Vec<(i32, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notebook_runs_spark_through_marimo_and_stops_cleanly() {
+    // A settings variable, as `marina serve` may have; it must not reach notebook code.
+    std::env::set_var("MARINA_INTERNAL__TOKEN", "not-for-notebooks");
     let data = tempfile::tempdir().unwrap();
     let rt = LocalRuntime::new(&settings(data.path())).unwrap();
     rt.prepare()
@@ -106,11 +108,16 @@ async fn notebook_runs_spark_through_marimo_and_stops_cleanly() {
 
     let mut timings = Vec::new();
     for round in 0..3 {
+        let mut spec = spec(id, Some(base.clone()));
+        spec.sail.extra_env = BTreeMap::from([(
+            "NOTEBOOK_GREETING".to_owned(),
+            EnvValue {
+                kind: "string".into(),
+                value: "hello from extraEnv".into(),
+            },
+        )]);
         let t = Instant::now();
-        let endpoint = rt
-            .start(&spec(id, Some(base.clone())))
-            .await
-            .expect("start");
+        let endpoint = rt.start(&spec).await.expect("start");
         timings.push(t.elapsed());
         assert_eq!(rt.health(id).await.unwrap(), Health::Healthy);
         assert_eq!(endpoint.token.len(), 64, "32 random bytes, hex");
@@ -138,6 +145,17 @@ async fn notebook_runs_spark_through_marimo_and_stops_cleanly() {
                 .await
                 .expect("run cell");
             assert!(run.stdout.contains("RESULT 42"), "{run:?}");
+
+            // The kernel sees extraEnv and SPARK_REMOTE, and none of Marina's settings
+            // variables (the test process has one, as a Marina process would).
+            let run = session
+                .run_cell(
+                    "probe2",
+                    "import os\nprint(os.environ.get('NOTEBOOK_GREETING'), os.environ.get('SPARK_REMOTE', '').startswith('sc://127.0.0.1:'), sorted(k for k in os.environ if k.startswith('MARINA_')))",
+                )
+                .await
+                .expect("run cell");
+            assert_eq!(run.stdout.trim(), "hello from extraEnv True []", "{run:?}");
 
             // A kernel process now exists, so the check below is meaningful.
             let before = processes_under(&nb_dir);
@@ -291,4 +309,98 @@ async fn prepare_without_python_is_a_clear_error() {
     assert!(matches!(err, RuntimeError::Environment(_)), "{err:?}");
     assert!(err.to_string().contains("install Python 3.10+"), "{err}");
     assert!(t.elapsed() < Duration::from_secs(10));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_server_makes_health_failed_with_its_exit() {
+    let data = tempfile::tempdir().unwrap();
+    let rt = LocalRuntime::new(&settings(data.path())).unwrap();
+    let id = Id::random();
+    rt.start(&spec(id, None)).await.unwrap();
+    let run: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(rt.notebook_dir(id).join("run.json")).unwrap(),
+    )
+    .unwrap();
+    let pid = run["marimo"]["pid"].as_i64().unwrap();
+    let killed = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let mut health = rt.health(id).await.unwrap();
+    for _ in 0..40 {
+        if matches!(health, Health::Failed(_)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        health = rt.health(id).await.unwrap();
+    }
+    let Health::Failed(why) = health else {
+        panic!("expected Failed, got {health:?}");
+    };
+    assert!(why.contains("Marimo server exited"), "{why}");
+    assert!(why.contains("signal: 9"), "{why}");
+    rt.stop(id).await.unwrap();
+    assert!(wait_until_gone(&rt.notebook_dir(id)).await.is_empty());
+}
+
+/// Builds a tiny pure-Python wheel with the environment's own Python (no network needed).
+fn probe_wheel(dir: &Path) -> PathBuf {
+    let wheel = dir.join("marina_probe-0.1-py3-none-any.whl");
+    let script = r#"
+import sys, zipfile
+with zipfile.ZipFile(sys.argv[1], "w") as z:
+    z.writestr("marina_probe/__init__.py", "VALUE = 'overlay works'\n")
+    z.writestr("marina_probe-0.1.dist-info/METADATA", "Metadata-Version: 2.1\nName: marina-probe\nVersion: 0.1\n")
+    z.writestr("marina_probe-0.1.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: marina-test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+    z.writestr("marina_probe-0.1.dist-info/RECORD", "")
+"#;
+    let ok = std::process::Command::new(venv().join("bin/python"))
+        .args(["-c", script])
+        .arg(&wheel)
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    wheel
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn libraries_are_installed_into_the_notebook_overlay() {
+    let data = tempfile::tempdir().unwrap();
+    let rt = LocalRuntime::new(&settings(data.path())).unwrap();
+    let id = Id::random();
+    let wheel = probe_wheel(data.path());
+    let mut spec = spec(id, None);
+    spec.sail = sail_config(&format!(
+        r#"{{"libraries": [{{"whl": "{}"}}]}}"#,
+        wheel.display()
+    ));
+    let endpoint = rt.start(&spec).await.expect("start with a library");
+    let marimo = Marimo::new(&endpoint.upstream, None, &endpoint.token);
+    let mut session = marimo.connect("s_lib001").await.unwrap();
+    let run = session
+        .run_cell("probe1", "import marina_probe\nprint(marina_probe.VALUE)")
+        .await
+        .unwrap();
+    assert_eq!(run.stdout.trim(), "overlay works", "{run:?}");
+    drop(session);
+    rt.stop(id).await.unwrap();
+    // The shared environment is untouched: the library is only in this notebook's overlay.
+    let in_venv = std::process::Command::new(venv().join("bin/python"))
+        .args(["-c", "import marina_probe"])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(!in_venv.success());
+
+    // A library that cannot be installed fails the start with pip's reason.
+    let mut bad = self::spec(id, None);
+    bad.sail =
+        sail_config(r#"{"libraries": [{"whl": "/nonexistent/nothing-1.0-py3-none-any.whl"}]}"#);
+    let err = rt.start(&bad).await.unwrap_err();
+    let RuntimeError::StartFailed(msg) = &err else {
+        panic!("expected StartFailed, got {err:?}");
+    };
+    assert!(msg.contains("libraries[0]"), "{msg}");
+    assert!(msg.contains("nothing-1.0"), "{msg}");
 }
