@@ -594,3 +594,76 @@ async fn wait(f: impl Fn() -> bool) {
     }
     panic!("condition not reached in 5 s");
 }
+
+#[tokio::test]
+async fn subdomain_mode_routes_by_host() {
+    let keys = Keys::generate();
+    let up = FakeUpstream::start().await;
+    let r = route(NB, "SESSION001", up.addr, id(OWNER), &[]);
+    let other = route("OTHERNOTE1", "SESSION002", up.addr, id(OWNER), &[]);
+    let edge = TestEdge::start(
+        &keys,
+        &[r.clone(), other.clone()],
+        EdgeOptions {
+            subdomain: true,
+            ..EdgeOptions::default()
+        },
+    )
+    .await;
+    let port = edge.addr.port();
+    let host = format!("notebook01.nb.test:{port}");
+    let token = keys.sign(&claims(&r, id(OWNER), AccessMode::Edit));
+    let resp = client()
+        .get(edge.url(&format!("/_auth?token={token}")))
+        .header("host", host.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 303);
+    assert_eq!(resp.headers()["location"], "/");
+    let sc = resp.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(sc.contains("Path=/;"), "{sc}");
+    let cookie = cookie_pair(&resp);
+    let resp = client()
+        .get(edge.url("/api/version"))
+        .header("host", host.clone())
+        .header("cookie", cookie.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        up.paths().last().unwrap(),
+        "/api/version",
+        "served at Marimo's root"
+    );
+    // The same cookie presented on another notebook's origin is refused.
+    let resp = client()
+        .get(edge.url("/"))
+        .header("host", format!("othernote1.nb.test:{port}"))
+        .header("cookie", cookie.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    // A token for this notebook presented at another notebook's origin is refused.
+    let t2 = keys.sign(&claims(&r, id(OWNER), AccessMode::Edit));
+    let resp = client()
+        .get(edge.url(&format!("/_auth?token={t2}")))
+        .header("host", format!("othernote1.nb.test:{port}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    // The bare domain and foreign hosts name no notebook.
+    for h in [format!("nb.test:{port}"), "evil.example".to_string()] {
+        let resp = client()
+            .get(edge.url("/"))
+            .header("host", h)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 404);
+    }
+    edge.stop().await;
+}

@@ -164,16 +164,7 @@ impl Authenticator {
             mode,
             expires: now + self.lifetime,
         });
-        let mut c = String::with_capacity(200);
-        let cookie_path = match self.mode {
-            AddressingMode::Path => &path[..loc.base_len],
-            AddressingMode::Subdomain => "/",
-        };
-        let _ = write!(
-            c,
-            "{}={}; Path={}; Max-Age={}{}",
-            self.cookie_name, value, cookie_path, self.lifetime, self.cookie_attrs
-        );
+        let c = self.set_cookie_line(&value, &path[..loc.base_len]);
         let mut set_cookie = HeaderValue::try_from(c)
             .map_err(|e| EdgeError::new(ErrorKind::Internal, "set-cookie").with_cause(e))?;
         set_cookie.set_sensitive(true);
@@ -182,6 +173,21 @@ impl Authenticator {
             location,
             set_cookie,
         })
+    }
+
+    /// The `Set-Cookie` line for a sealed value; `base` is the notebook's path prefix (path mode).
+    fn set_cookie_line(&self, value: &str, base: &str) -> String {
+        let cookie_path = match self.mode {
+            AddressingMode::Path => base,
+            AddressingMode::Subdomain => "/",
+        };
+        let mut c = String::with_capacity(200);
+        let _ = write!(
+            c,
+            "{}={}; Path={}; Max-Age={}{}",
+            self.cookie_name, value, cookie_path, self.lifetime, self.cookie_attrs
+        );
+        c
     }
 
     /// Opens the session cookie of an ordinary request and checks it against the route.
@@ -323,6 +329,56 @@ mod tests {
         }
         assert_eq!(valid_next("//evil", "/", hp), None);
         assert_eq!(valid_next("/x", "/", hp).as_deref(), Some("/x"));
+    }
+
+    fn authenticator(edit: impl FnOnce(&mut Settings)) -> Authenticator {
+        let mut s = Settings::default();
+        edit(&mut s);
+        s.validate().unwrap();
+        let verifier = TokenVerifier::new(Default::default(), "i", "a", 0);
+        let dir = tempfile::tempdir().unwrap();
+        let replay =
+            ReplayStore::Memory(replay::MemoryReplay::open(dir.path().join("j"), 0).unwrap());
+        Authenticator::new(&s, verifier, CookieKeys::new(&[[1; 32]]).unwrap(), replay)
+    }
+
+    #[test]
+    fn cookie_attributes_follow_mode_scheme_and_same_site() {
+        let a = authenticator(|_| {});
+        assert_eq!(
+            a.set_cookie_line("V", "/notebooks/A1B2C3D4E5"),
+            "marina=V; Path=/notebooks/A1B2C3D4E5; Max-Age=43200; HttpOnly; SameSite=Strict"
+        );
+        let a = authenticator(|s| {
+            s.proxy.addressing = AddressingMode::Subdomain;
+            s.proxy.public_url = "https://nb.example.com".into();
+        });
+        assert_eq!(
+            a.set_cookie_line("V", ""),
+            "__Host-marina=V; Path=/; Max-Age=43200; HttpOnly; SameSite=Strict; Secure"
+        );
+        let a = authenticator(|s| {
+            s.proxy.addressing = AddressingMode::Subdomain;
+            s.proxy.public_url = "https://nb.example.com".into();
+            s.proxy.cookie.same_site = SameSite::None;
+        });
+        assert!(a
+            .set_cookie_line("V", "")
+            .ends_with("SameSite=None; Secure; Partitioned"));
+        let a = authenticator(|s| {
+            s.proxy.public_url = "https://edge.example.com".into();
+            s.proxy.cookie.same_site = SameSite::Lax;
+        });
+        assert_eq!(
+            a.set_cookie_line("V", "/notebooks/A1B2C3D4E5"),
+            "marina=V; Path=/notebooks/A1B2C3D4E5; Max-Age=43200; HttpOnly; SameSite=Lax; Secure"
+        );
+        // Subdomain mode over plain http cannot use `__Host-` (it requires Secure).
+        let a = authenticator(|s| {
+            s.proxy.addressing = AddressingMode::Subdomain;
+            s.proxy.public_url = "http://nb.localhost:8000".into();
+        });
+        assert!(a.set_cookie_line("V", "").starts_with("marina=V; Path=/;"));
     }
 
     #[test]

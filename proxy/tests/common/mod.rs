@@ -115,6 +115,8 @@ pub struct EdgeOptions {
     pub max_ws_message_bytes: usize,
     /// Follow the control plane's routes feed instead of a routes file.
     pub control_routes: bool,
+    /// Subdomain mode under `nb.test:<port>` (requests carry the notebook's `Host`).
+    pub subdomain: bool,
 }
 
 impl Default for EdgeOptions {
@@ -127,6 +129,7 @@ impl Default for EdgeOptions {
             cookie_key: "11".repeat(32),
             max_ws_message_bytes: 16 * 1024 * 1024,
             control_routes: false,
+            subdomain: false,
         }
     }
 }
@@ -176,6 +179,10 @@ impl TestEdge {
         s.proxy.listen = addr;
         s.proxy.admin_listen = admin_addr;
         s.proxy.public_url = format!("http://{addr}");
+        if opts.subdomain {
+            s.proxy.addressing = marina_config::addressing::AddressingMode::Subdomain;
+            s.proxy.public_url = format!("http://nb.test:{}", addr.port());
+        }
         s.proxy.frame_ancestors = vec!["https://host.example".into()];
         s.proxy.routes_file = (!opts.control_routes).then(|| routes_file.clone());
         s.proxy.control_url = opts.control_url.clone();
