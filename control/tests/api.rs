@@ -1089,3 +1089,45 @@ async fn postgres_variant_fails_loudly_without_a_server() {
     let msg = msg.downcast_ref::<String>().cloned().unwrap_or_default();
     assert!(msg.contains("scripts/test.sh"), "{msg}");
 }
+
+/// `ControlPlane::serve` on a real loopback listener, and its graceful shutdown.
+#[tokio::test]
+async fn serves_over_loopback_and_shuts_down() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let settings = common::fast_settings(dir.path());
+    let runtime = std::sync::Arc::new(common::TestRuntime::default());
+    let cp = marina_control::ControlPlane::open(&settings, runtime)
+        .await
+        .unwrap();
+    let key = std::fs::read_to_string(&cp.bootstrap().unwrap().admin_key_file).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(cp.serve(listener, async {
+        let _ = rx.await;
+    }));
+    let get = |path: &str, key: Option<&str>| {
+        let auth = key
+            .map(|k| format!("Authorization: Bearer {}\r\n", k.trim()))
+            .unwrap_or_default();
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n")
+    };
+    for (req, want) in [
+        (get("/healthz", None), "HTTP/1.1 200"),
+        (get("/iam/me", Some(&key)), "HTTP/1.1 200"),
+        (get("/iam/me", None), "HTTP/1.1 401"),
+    ] {
+        let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();
+        sock.write_all(req.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        sock.read_to_string(&mut out).await.unwrap();
+        assert!(out.starts_with(want), "{req} → {out}");
+    }
+    tx.send(()).unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(5), server)
+        .await
+        .expect("serve returns after shutdown")
+        .unwrap()
+        .unwrap();
+}

@@ -283,7 +283,7 @@ async fn routes_feed_and_revocation(store: Store) {
     let cfg = h.config(&h.admin, 3).await;
     let (viewer, _) = h.member(&h.admin, "member").await;
     let (owner, owner_key) = h.member(&h.admin, "member").await;
-    let (outsider, _) = h.member(&h.admin, "member").await;
+    let (outsider, outsider_key) = h.member(&h.admin, "member").await;
     let team = h.team(&h.admin, &[&viewer, &owner]).await;
     let nb = h.notebook(&owner_key, &cfg, &[&team]).await;
     let me = h.get("/iam/me", &h.admin).await.1["member"]["id"]
@@ -354,6 +354,24 @@ async fn routes_feed_and_revocation(store: Store) {
     assert!(!h.routes(None, 0).await["routes"][0]["viewers"]
         .to_string()
         .contains(&viewer));
+    // Demoting the admin revokes his admin view; promoting the outsider grants one.
+    h.patch(
+        &format!("/iam/members/{outsider}"),
+        &h.admin,
+        json!({"role": "admin"}),
+    )
+    .await;
+    h.patch(
+        &format!("/iam/members/{me}"),
+        &h.admin,
+        json!({"role": "member"}),
+    )
+    .await;
+    let viewers = h.routes(None, 0).await["routes"][0]["viewers"].clone();
+    assert_eq!(viewers, json!([outsider]), "{viewers}");
+    // Deleting a member revokes too.
+    let (s, _) = h.delete(&format!("/iam/members/{me}"), &outsider_key).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
     // A poll that times out answers with the unchanged snapshot.
     let cur = h.routes(None, 0).await["version"].as_u64().unwrap();
     let t = std::time::Instant::now();
