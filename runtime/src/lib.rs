@@ -37,12 +37,22 @@ pub struct StartSpec {
 }
 
 /// Where a started notebook's Marimo server answers, and the credential it wants.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// `Debug` masks the token, so logging an endpoint never logs the credential.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Endpoint {
     /// `host:port` of the Marimo server.
     pub upstream: String,
     /// Marimo's token; sent upstream as `Authorization: Bearer` by the edge only.
     pub token: String,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("upstream", &self.upstream)
+            .field("token", &"***")
+            .finish()
+    }
 }
 
 /// A notebook the store believes is provisioned.
@@ -106,4 +116,22 @@ pub trait Runtime: Send + Sync + 'static {
     /// expected (orphans after a crash, leftovers of deleted notebooks) and returns the ids of
     /// the expected notebooks that are alive and adopted. Called at start-up and periodically.
     async fn reconcile(&self, expected: &[Expected]) -> Result<Vec<Id>, RuntimeError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_debug_hides_the_token() {
+        let e = Endpoint {
+            upstream: "127.0.0.1:1".into(),
+            token: "s3cret".into(),
+        };
+        let shown = format!("{e:?}");
+        assert!(
+            shown.contains("127.0.0.1:1") && !shown.contains("s3cret"),
+            "{shown}"
+        );
+    }
 }

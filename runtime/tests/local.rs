@@ -404,3 +404,42 @@ async fn libraries_are_installed_into_the_notebook_overlay() {
     assert!(msg.contains("libraries[0]"), "{msg}");
     assert!(msg.contains("nothing-1.0"), "{msg}");
 }
+
+/// Creates the notebook environment from nothing, as a first `marina serve` does: downloads
+/// about 300 MB from PyPI and takes a minute or more, so it only runs on request:
+/// `cargo test -p marina-runtime --test local -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "downloads the notebook packages from PyPI (about 800 MB installed)"]
+async fn prepare_creates_the_environment_from_scratch() {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_max_level(tracing::Level::INFO)
+        .try_init();
+    let data = tempfile::tempdir().unwrap();
+    let mut s = settings(data.path());
+    s.runtime.local.venv_dir = None; // DATA_DIR/venv
+    let rt = LocalRuntime::new(&s).unwrap();
+    let t = Instant::now();
+    // Two concurrent callers share one install.
+    let (a, b) = tokio::join!(rt.prepare(), rt.prepare());
+    a.expect("prepare");
+    b.expect("concurrent prepare");
+    eprintln!("environment created in {:?}", t.elapsed());
+    let venv = data.path().join("venv");
+    assert_eq!(
+        std::fs::read_to_string(venv.join(".marina-requirements")).unwrap(),
+        include_str!("../python-requirements.txt")
+    );
+    let t = Instant::now();
+    rt.prepare().await.unwrap();
+    assert!(
+        t.elapsed() < Duration::from_millis(100),
+        "later calls are instant"
+    );
+    // And a notebook runs from it.
+    let id = Id::random();
+    rt.start(&spec(id, None))
+        .await
+        .expect("start from the new environment");
+    rt.stop(id).await.unwrap();
+}

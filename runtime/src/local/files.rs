@@ -99,7 +99,8 @@ pub struct ServerRecord {
 }
 
 /// `run.json`: a started notebook, as a later Marina process needs to find it again.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// (`Debug` masks the token.)
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RunRecord {
     pub notebook_id: Id,
@@ -111,6 +112,20 @@ pub struct RunRecord {
     pub marimo: Option<ServerRecord>,
     /// Marimo's token. The file is 0600, like every other secret Marina keeps.
     pub token: String,
+}
+
+impl std::fmt::Debug for RunRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunRecord")
+            .field("notebook_id", &self.notebook_id)
+            .field("session_id", &self.session_id)
+            .field("host", &self.host)
+            .field("base_url", &self.base_url)
+            .field("sail", &self.sail)
+            .field("marimo", &self.marimo)
+            .field("token", &"***")
+            .finish()
+    }
 }
 
 impl RunRecord {

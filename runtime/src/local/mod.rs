@@ -1,8 +1,8 @@
 //! The local runtime: each notebook is two child processes of Marina on this machine.
 //!
 //! ```text
-//! sail spark server --ip 127.0.0.1 --port <free>
-//! marimo -q edit --headless --host 127.0.0.1 --port <free> --skip-update-check \
+//! sail spark server --ip 127.0.0.1 --port <free>           (always loopback)
+//! marimo -q edit --headless --host <bind_host> --port <free> --skip-update-check \
 //!        --token-password-file DATA_DIR/notebooks/<ID>/marimo-token [--base-url <base>] notebook.py
 //!   env: SPARK_REMOTE=sc://127.0.0.1:<sail port>, the workload config's extraEnv,
 //!        PYTHONPATH=<the notebook's library overlay> when it has libraries
@@ -49,6 +49,10 @@ use env::PythonEnv;
 use files::{host_port, NotebookDir, RunRecord, ServerRecord};
 use process::ProcId;
 
+/// Sail always listens on loopback, whatever `runtime.local.bind_host` says: only the
+/// notebook's own kernel connects to it, and its Spark Connect port has no authentication and
+/// gives clients the server's filesystem.
+const SAIL_HOST: &str = "127.0.0.1";
 /// How long stopped servers get between SIGTERM and SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(3);
 /// Lines of a server's log quoted in a failure message.
@@ -171,7 +175,7 @@ impl LocalRuntime {
             .collect();
         env.push((
             "SPARK_REMOTE".into(),
-            format!("sc://{}", host_port(&self.host, sail_port)),
+            format!("sc://{}", host_port(SAIL_HOST, sail_port)),
         ));
         env.push(("MARIMO_SKIP_UPDATE_CHECK".into(), "1".into()));
         if let Some(site) = site {
@@ -338,9 +342,8 @@ impl LocalRuntime {
         let token = random_token();
         marina_config::secrets::write_private(&dir.token_file(), token.as_bytes())
             .map_err(|e| RuntimeError::Backend(format!("writing the token file: {e}")))?;
-        let ports = process::free_ports(&self.host, 2)
+        let (sail_port, marimo_port) = process::free_port_pair(SAIL_HOST, &self.host)
             .map_err(|e| RuntimeError::Backend(format!("finding free ports: {e}")))?;
-        let (sail_port, marimo_port) = (ports[0], ports[1]);
         let env = self.server_env(&spec.sail, sail_port, site.as_deref());
 
         let (sail_proc, sail_exit) = self.spawn_server(
@@ -350,7 +353,7 @@ impl LocalRuntime {
                 "spark".into(),
                 "server".into(),
                 "--ip".into(),
-                self.host.clone().into(),
+                SAIL_HOST.into(),
                 "--port".into(),
                 sail_port.to_string().into(),
             ],
@@ -441,7 +444,7 @@ impl LocalRuntime {
         sail_exit: &watch::Receiver<Option<String>>,
         marimo_exit: &watch::Receiver<Option<String>>,
     ) -> Result<(), RuntimeError> {
-        let sail_addr = host_port(&record.host, record.sail.port);
+        let sail_addr = host_port(SAIL_HOST, record.sail.port);
         let health_url = record.health_url().unwrap_or_default();
         let deadline = Instant::now() + self.start_timeout;
         let (mut sail_ok, mut marimo_ok) = (false, false);
@@ -519,7 +522,7 @@ impl LocalRuntime {
         if let Err(why) = self.check_alive(id, record) {
             return Health::Failed(why);
         }
-        let sail = process::accepts_tcp(&host_port(&record.host, record.sail.port)).await;
+        let sail = process::accepts_tcp(&host_port(SAIL_HOST, record.sail.port)).await;
         let marimo = self
             .marimo_healthy(&record.health_url().unwrap_or_default())
             .await;

@@ -168,15 +168,12 @@ pub async fn terminate_groups(groups: &[ProcId], grace: Duration) {
 /// A port that was free a moment ago. Another process may take it before ours binds; the
 /// server then exits with "address in use", which fails this attempt and the control plane
 /// retries with new ports.
-/// Returns `n` distinct ports (all listeners are held until every port is picked).
-pub fn free_ports(host: &str, n: usize) -> std::io::Result<Vec<u16>> {
-    let listeners = (0..n)
-        .map(|_| TcpListener::bind((host, 0)))
-        .collect::<Result<Vec<_>, _>>()?;
-    listeners
-        .iter()
-        .map(|l| l.local_addr().map(|a| a.port()))
-        .collect()
+/// Two distinct free ports, one on each host. The first listener is held while the second is
+/// picked, so the two cannot coincide even when the hosts overlap (`0.0.0.0`).
+pub fn free_port_pair(first: &str, second: &str) -> std::io::Result<(u16, u16)> {
+    let a = TcpListener::bind((first, 0))?;
+    let b = TcpListener::bind((second, 0))?;
+    Ok((a.local_addr()?.port(), b.local_addr()?.port()))
 }
 
 /// Whether something accepts TCP connections at `addr` (`host:port`).
