@@ -667,3 +667,166 @@ async fn subdomain_mode_routes_by_host() {
     }
     edge.stop().await;
 }
+
+// --- TLS ----------------------------------------------------------------------------------
+
+fn openssl_cert(dir: &std::path::Path, cn: &str) {
+    let ok = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ])
+        .arg("-keyout")
+        .arg(dir.join("key.pem.new"))
+        .arg("-out")
+        .arg(dir.join("cert.pem.new"))
+        .args([
+            "-subj",
+            &format!("/CN={cn}"),
+            "-days",
+            "1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl");
+    assert!(ok.success());
+    // Key first, then certificate, each by rename (how a certificate manager would do it).
+    std::fs::rename(dir.join("key.pem.new"), dir.join("key.pem")).unwrap();
+    std::fs::rename(dir.join("cert.pem.new"), dir.join("cert.pem")).unwrap();
+}
+
+/// Accepts any server certificate: this test checks which certificate is served, not trust.
+#[derive(Debug)]
+struct AnyCert(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCert {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Connects with TLS (ALPN h2, http/1.1); returns the negotiated protocol, the served
+/// certificate, and the stream.
+async fn tls_connect(
+    addr: SocketAddr,
+) -> (
+    Option<Vec<u8>>,
+    Vec<u8>,
+    tokio_rustls::client::TlsStream<TcpStream>,
+) {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let (_, conn) = tls.get_ref();
+    let alpn = conn.alpn_protocol().map(|p| p.to_vec());
+    let cert = conn.peer_certificates().unwrap()[0].as_ref().to_vec();
+    (alpn, cert, tls)
+}
+
+fn pem_der(path: &std::path::Path) -> Vec<u8> {
+    let pem = std::fs::read(path).unwrap();
+    let cert = rustls_pemfile::certs(&mut &pem[..])
+        .next()
+        .unwrap()
+        .unwrap();
+    cert.as_ref().to_vec()
+}
+
+#[tokio::test]
+async fn tls_with_h2_and_certificate_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    openssl_cert(dir.path(), "first");
+    let keys = Keys::generate();
+    let up = FakeUpstream::start().await;
+    let r = route(NB, "SESSION001", up.addr, id(OWNER), &[]);
+    let edge = TestEdge::start(
+        &keys,
+        std::slice::from_ref(&r),
+        EdgeOptions {
+            tls: Some((dir.path().join("cert.pem"), dir.path().join("key.pem"))),
+            ..EdgeOptions::default()
+        },
+    )
+    .await;
+    let (alpn, cert, tls) = tls_connect(edge.addr).await;
+    assert_eq!(alpn.as_deref(), Some(&b"h2"[..]));
+    assert_eq!(cert, pem_der(&dir.path().join("cert.pem")));
+    // A handshake over HTTP/2 + TLS gets a Secure cookie.
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let token = keys.sign(&claims(&r, id(OWNER), AccessMode::Edit));
+    let req = http::Request::get(format!(
+        "https://{}/notebooks/{NB}/_auth?token={token}",
+        edge.addr
+    ))
+    .body(http_body_util::Empty::<bytes::Bytes>::new())
+    .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 303);
+    let sc = resp.headers()["set-cookie"].to_str().unwrap();
+    assert!(sc.contains("; Secure"), "{sc}");
+
+    // Renew the certificate on disk: new connections get it, without a restart.
+    openssl_cert(dir.path(), "second");
+    let renewed = pem_der(&dir.path().join("cert.pem"));
+    assert_ne!(renewed, cert);
+    let mut served = Vec::new();
+    for _ in 0..40 {
+        served = tls_connect(edge.addr).await.1;
+        if served == renewed {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(served, renewed, "certificate reloaded");
+    edge.stop().await;
+}

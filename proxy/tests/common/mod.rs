@@ -117,6 +117,8 @@ pub struct EdgeOptions {
     pub control_routes: bool,
     /// Subdomain mode under `nb.test:<port>` (requests carry the notebook's `Host`).
     pub subdomain: bool,
+    /// TLS certificate and key files.
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl Default for EdgeOptions {
@@ -130,6 +132,7 @@ impl Default for EdgeOptions {
             max_ws_message_bytes: 16 * 1024 * 1024,
             control_routes: false,
             subdomain: false,
+            tls: None,
         }
     }
 }
@@ -179,6 +182,13 @@ impl TestEdge {
         s.proxy.listen = addr;
         s.proxy.admin_listen = admin_addr;
         s.proxy.public_url = format!("http://{addr}");
+        if let Some((cert, key)) = &opts.tls {
+            s.proxy.public_url = format!("https://{addr}");
+            s.proxy.tls = Some(marina_config::settings::TlsSettings {
+                cert_file: cert.clone(),
+                key_file: key.clone(),
+            });
+        }
         if opts.subdomain {
             s.proxy.addressing = marina_config::addressing::AddressingMode::Subdomain;
             s.proxy.public_url = format!("http://nb.test:{}", addr.port());
