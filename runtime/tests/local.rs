@@ -316,7 +316,8 @@ async fn a_dead_server_makes_health_failed_with_its_exit() {
     let data = tempfile::tempdir().unwrap();
     let rt = LocalRuntime::new(&settings(data.path())).unwrap();
     let id = Id::random();
-    rt.start(&spec(id, None)).await.unwrap();
+    let spec = spec(id, None);
+    rt.start(&spec).await.unwrap();
     let run: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(rt.notebook_dir(id).join("run.json")).unwrap(),
     )
@@ -340,8 +341,19 @@ async fn a_dead_server_makes_health_failed_with_its_exit() {
     };
     assert!(why.contains("Marimo server exited"), "{why}");
     assert!(why.contains("signal: 9"), "{why}");
-    rt.stop(id).await.unwrap();
-    assert!(wait_until_gone(&rt.notebook_dir(id)).await.is_empty());
+    // Expected by the store, but dead: reconciliation cleans it up instead of adopting it.
+    let expected = [Expected {
+        notebook_id: id,
+        session_id: spec.session_id,
+        endpoint: None,
+    }];
+    assert!(rt.reconcile(&expected).await.unwrap().is_empty());
+    assert!(
+        wait_until_gone(&rt.notebook_dir(id)).await.is_empty(),
+        "Sail was stopped too"
+    );
+    assert!(!rt.notebook_dir(id).join("run.json").exists());
+    assert_eq!(rt.health(id).await.unwrap(), Health::Missing);
 }
 
 /// Builds a tiny pure-Python wheel with the environment's own Python (no network needed).

@@ -24,7 +24,9 @@
 //! **Crash recovery.** The children are in their own process groups, so they outlive a crashed
 //! (or `kill -9`ed) Marina. Each start writes `run.json` ([`files`]); at the next start the
 //! control plane calls [`Runtime::reconcile`] with what its store expects, which adopts the
-//! expected, healthy notebooks and kills every other recorded process group. `marina serve`
+//! expected, healthy notebooks, kills every recorded process group the store does not expect
+//! (or expects in another session), and cleans up after expected ones whose processes died.
+//! An expected notebook that is alive but not answering is left alone and not adopted. `marina serve`
 //! also reconciles with an empty list on shutdown, which stops all local notebooks.
 
 pub mod env;
@@ -673,8 +675,14 @@ impl Runtime for LocalRuntime {
                     });
                     adopted.push(id);
                 }
+                // Alive but not answering right now (a busy machine, a slow probe): neither
+                // adopted nor killed. Killing on one failed probe would take down working
+                // notebooks; if the store gives it up, the next reconcile stops it.
+                Health::Pending => {
+                    tracing::warn!(notebook = %id, "expected notebook is alive but not answering; not adopted");
+                }
                 other => {
-                    tracing::warn!(notebook = %id, health = ?other, "expected notebook is not healthy; stopping it");
+                    tracing::warn!(notebook = %id, health = ?other, "expected notebook is gone; cleaning up");
                     self.lock_running().remove(&id);
                     self.teardown(id, Some(record)).await;
                 }
