@@ -308,7 +308,17 @@ impl Edge {
             let watcher = graceful.watcher();
             match &acceptor {
                 None => {
+                    let first_byte_timeout = self.header_read;
                     tokio::spawn(async move {
+                        // HTTP version detection waits for the first bytes with no timeout of
+                        // its own: a client that connects and stays silent would hold the
+                        // connection forever. Wait for readability (without consuming) first.
+                        let mut one = [0u8; 1];
+                        match tokio::time::timeout(first_byte_timeout, stream.peek(&mut one)).await
+                        {
+                            Ok(Ok(n)) if n > 0 => {}
+                            _ => return,
+                        }
                         let conn = builder
                             .serve_connection_with_upgrades(TokioIo::new(stream), service)
                             .into_owned();
@@ -324,6 +334,14 @@ impl Edge {
                         {
                             Ok(Ok(s)) => s,
                             _ => return,
+                        };
+                        // ALPN already chose the protocol: skip version detection (and its
+                        // missing timeout); HTTP/1.1 then gets the header read timeout at once.
+                        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
+                        let builder = if h2 {
+                            builder.http2_only()
+                        } else {
+                            builder.http1_only()
                         };
                         let conn = builder
                             .serve_connection_with_upgrades(TokioIo::new(tls), service)

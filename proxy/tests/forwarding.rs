@@ -830,3 +830,40 @@ async fn tls_with_h2_and_certificate_reload() {
     assert_eq!(served, renewed, "certificate reloaded");
     edge.stop().await;
 }
+
+#[tokio::test]
+async fn silent_and_slow_clients_are_disconnected() {
+    let keys = Keys::generate();
+    let up = FakeUpstream::start().await;
+    let r = route(NB, "SESSION001", up.addr, id(OWNER), &[]);
+    let edge = TestEdge::start(&keys, std::slice::from_ref(&r), EdgeOptions::default()).await;
+    // header_read_ms = 1500 in the test edge.
+    for partial in [
+        &b""[..],
+        b"GET /notebooks/NOTEBOOK01/ HTTP/1.1\r\nHost: x\r\n",
+    ] {
+        let started = Instant::now();
+        let mut s = TcpStream::connect(edge.addr).await.unwrap();
+        s.write_all(partial).await.unwrap();
+        let mut buf = [0u8; 1024];
+        let closed = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => continue, // a 408 may come first
+                }
+            }
+        })
+        .await;
+        assert!(
+            closed.is_ok(),
+            "connection held open ({} bytes sent)",
+            partial.len()
+        );
+        assert!(
+            started.elapsed() >= Duration::from_millis(1400),
+            "closed too early"
+        );
+    }
+    edge.stop().await;
+}

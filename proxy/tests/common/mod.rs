@@ -202,6 +202,7 @@ impl TestEdge {
         s.proxy.max_ws_message_bytes = opts.max_ws_message_bytes;
         s.proxy.activity_interval_ms = 200;
         s.proxy.timeouts.shutdown_grace_seconds = 3;
+        s.proxy.timeouts.header_read_ms = 1500;
         s.internal.token = "internal-test-token".into();
         s.tokens.public_keys = vec![PublicKeySetting {
             kid: "k1".into(),
