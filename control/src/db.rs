@@ -180,6 +180,9 @@ CREATE TABLE meta (
     value TEXT NOT NULL
 )
 "#,
+    // 2: when the last start or stop began, so a transition whose driver died with its
+    // control replica can be found and driven again.
+    "ALTER TABLE notebooks ADD COLUMN transition_at BIGINT",
 ];
 
 // === impl Db ===

@@ -61,6 +61,11 @@ impl Driver {
         map.entry(id).or_default().clone()
     }
 
+    /// Is this process talking to the runtime about `id` right now?
+    fn busy(&self, id: Id) -> bool {
+        self.ops(id).lock.try_lock().is_err()
+    }
+
     fn forget(&self, id: Id) {
         let mut map = self.ops.lock().unwrap_or_else(|p| p.into_inner());
         map.remove(&id);
@@ -117,7 +122,7 @@ pub async fn start(state: &AppState, nb: &Notebook, by: Id) -> Result<Notebook, 
     let row = sqlx::query(&format!(
         "UPDATE notebooks SET status = 'starting', session_id = $1, status_message = NULL,
             upstream = NULL, upstream_token = NULL, running_since = NULL, detached_since = NULL,
-            last_ping_at = NULL, updated_at = $2, updated_by = $3
+            last_ping_at = NULL, updated_at = $2, updated_by = $3, transition_at = $2
          WHERE id = $4 AND status IN ('stopped', 'failed')
          RETURNING {NOTEBOOK_RETURNING}"
     ))
@@ -299,13 +304,16 @@ pub async fn stop(
         None => ("", None),
     };
     let sql = format!(
-        "UPDATE notebooks SET status = 'stopping', status_message = $1{who_sql}
+        "UPDATE notebooks SET status = 'stopping', status_message = $1, transition_at = $3{who_sql}
          WHERE id = $2 AND status IN ('starting', 'running', 'idle', 'detached')
          RETURNING {NOTEBOOK_RETURNING}"
     );
-    let mut q = sqlx::query(&sql).bind(message).bind(nb.id.to_string());
+    let mut q = sqlx::query(&sql)
+        .bind(message)
+        .bind(nb.id.to_string())
+        .bind(now_ms());
     if let Some(who) = who {
-        q = q.bind(now_ms()).bind(who);
+        q = q.bind(who);
     }
     let Some(row) = q.fetch_optional(&mut *tx).await? else {
         tx.rollback().await?;
@@ -538,6 +546,9 @@ pub async fn run_monitor(state: AppState, mut shutdown: tokio::sync::watch::Rece
             if let Err(e) = health_tick(&state).await {
                 tracing::warn!(error = %e, "health checks");
             }
+            if let Err(e) = redrive_stuck(&state).await {
+                tracing::warn!(error = %e, "re-driving stuck transitions");
+            }
         }
         if tick % housekeeping_every == housekeeping_every - 1 {
             if let Err(e) = housekeeping(&state).await {
@@ -682,6 +693,47 @@ async fn refresh_gauges(state: &AppState) -> Result<(), ApiError> {
         .metrics
         .routes_version
         .set(state.db.route_version().await? as i64);
+    Ok(())
+}
+
+/// Finds starts and stops whose driver is gone (its control replica died mid-way) and drives
+/// them again. A start is overdue after all its attempts could have timed out, plus a margin;
+/// a stop after two minutes. Transitions this process is still driving are left alone.
+pub async fn redrive_stuck(state: &AppState) -> Result<(), ApiError> {
+    let now = now_ms();
+    let rows = sqlx::query(
+        "SELECT n.id, n.status, n.session_id, n.workload_config_id, n.transition_at
+         FROM notebooks n WHERE n.status IN ('starting', 'stopping')",
+    )
+    .fetch_all(&state.db.pool)
+    .await?;
+    let attempt_ms = state.settings.control.start_timeout_seconds.max(1) as i64 * 1000;
+    for row in rows {
+        let id = get_id(&row, "id")?;
+        let status: String = row.try_get("status")?;
+        let since: i64 = row.try_get::<Option<i64>, _>("transition_at")?.unwrap_or(0);
+        if state.driver.busy(id) {
+            continue;
+        }
+        if status == "stopping" {
+            if now - since > 120_000 {
+                tracing::warn!(notebook = %id, "re-driving a stop whose driver is gone");
+                state.metrics.event("redriven");
+                spawn_stop(state, id);
+            }
+            continue;
+        }
+        let Some(session) = get_opt_id(&row, "session_id")? else {
+            continue;
+        };
+        let sail = sail_config(state, get_id(&row, "workload_config_id")?).await?;
+        let overdue = attempt_ms * (sail.max_retries.max(1) as i64 + 1) + 30_000;
+        if now - since > overdue {
+            tracing::warn!(notebook = %id, "re-driving a start whose driver is gone");
+            state.metrics.event("redriven");
+            spawn_start(state, id, session, sail);
+        }
+    }
     Ok(())
 }
 

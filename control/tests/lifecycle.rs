@@ -618,3 +618,34 @@ async fn restart_reconciles(store: Store) {
     assert_eq!(ids, want);
 }
 both!(restart_reconciles);
+
+/// A start or stop whose driver died with another control replica is driven again by the
+/// monitor's leaseholder.
+async fn stuck_transitions_are_redriven(store: Store) {
+    let mut h = Harness::with(store, |s| {
+        quick(s);
+        s.control.detached_timeout_seconds = 3600;
+    })
+    .await;
+    let cfg = h.config(&h.admin, 3).await;
+    let starting = h.notebook(&h.admin, &cfg, &[]).await;
+    let stopping = h.notebook(&h.admin, &cfg, &[]).await;
+    h.run(&h.admin, &stopping).await;
+    h.start_monitor().await;
+    // As another replica would have left them: transitions begun long ago, no driver here.
+    h.sql(&format!(
+        "UPDATE notebooks SET status = 'starting', session_id = 'SESSION002', transition_at = 0 WHERE id = '{starting}'"
+    ))
+    .await;
+    h.sql(&format!(
+        "UPDATE notebooks SET status = 'stopping', transition_at = 0 WHERE id = '{stopping}'"
+    ))
+    .await;
+    let v = h.wait_up(&h.admin, &starting, 10).await;
+    assert_eq!(v["sessionId"], "SESSION002");
+    h.wait_status(&h.admin, &stopping, "stopped", 10).await;
+    assert!(!h
+        .runtime
+        .is_running(marina_config::Id::parse(&stopping).unwrap()));
+}
+both!(stuck_transitions_are_redriven);
