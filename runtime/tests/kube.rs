@@ -728,3 +728,45 @@ async fn reconcile_sweeps_unexpected_objects_and_adopts_ready_ones() {
     assert!(api.names("secrets").is_empty());
     assert!(api.names("networkpolicies").is_empty());
 }
+
+/// `KubeRuntime::new` infers its configuration (here a kubeconfig file): it must build a real
+/// client (TLS included) and report an unreachable API server as a backend error, and a
+/// missing configuration as a clear error.
+#[tokio::test]
+async fn new_uses_the_kubeconfig_and_reports_an_unreachable_api_server() {
+    let dir = tempfile::tempdir().unwrap();
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let kubeconfig = dir.path().join("config");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: test\n\
+             clusters: [{{name: test, cluster: {{server: 'https://127.0.0.1:{port}', insecure-skip-tls-verify: true}}}}]\n\
+             users: [{{name: test, user: {{token: not-a-real-token}}}}]\n\
+             contexts: [{{name: test, context: {{cluster: test, user: test, namespace: marina-notebooks}}}}]\n"
+        ),
+    )
+    .unwrap();
+    std::env::remove_var("KUBERNETES_SERVICE_HOST");
+    std::env::set_var("KUBECONFIG", &kubeconfig);
+    let rt = KubeRuntime::new(&settings())
+        .await
+        .expect("client from the kubeconfig");
+    let err = rt.health(Id::random()).await.unwrap_err();
+    assert!(matches!(err, RuntimeError::Backend(_)), "{err:?}");
+    assert!(!err.to_string().contains("not-a-real-token"), "{err}");
+
+    std::env::set_var("KUBECONFIG", dir.path().join("missing"));
+    let Err(err) = KubeRuntime::new(&settings()).await else {
+        panic!("no configuration must be an error");
+    };
+    assert!(
+        err.to_string().contains("no Kubernetes configuration"),
+        "{err}"
+    );
+}
