@@ -649,3 +649,17 @@ async fn stuck_transitions_are_redriven(store: Store) {
         .is_running(marina_config::Id::parse(&stopping).unwrap()));
 }
 both!(stuck_transitions_are_redriven);
+
+/// An edge's batch may exceed the public body limit (64 KiB): thousands of notebooks.
+#[tokio::test]
+async fn large_activity_batches_are_accepted() {
+    let h = Harness::new(Store::Sqlite).await;
+    let entries: Vec<Value> = (0..2000)
+        .map(|_| {
+            json!({"notebookId": marina_config::Id::random(), "sessionId": marina_config::Id::random(),
+                   "lastActiveMs": common::now_ms(), "openWebsockets": 1})
+        })
+        .collect();
+    assert!(json!(entries).to_string().len() > 64 * 1024);
+    h.activity("edge-big", json!(entries)).await;
+}

@@ -28,6 +28,9 @@ use crate::extract::BodyLimit;
 use crate::model::*;
 use crate::state::AppState;
 
+/// Largest activity batch an edge may send, bytes (about 80,000 notebooks).
+pub const INTERNAL_BODY_LIMIT: usize = 16 * 1024 * 1024;
+
 /// Builds the router over `state`.
 pub fn router(state: AppState) -> Router {
     use configs::*;
@@ -101,7 +104,12 @@ pub fn router(state: AppState) -> Router {
             delete(team_members_remove),
         )
         .route("/internal/v1/routes", get(routes_get))
-        .route("/internal/v1/activity", post(activity_post))
+        // An edge reports every notebook it has connections to in one batch: far more than a
+        // member's request body may be.
+        .route(
+            "/internal/v1/activity",
+            post(activity_post).layer(DefaultBodyLimit::max(INTERNAL_BODY_LIMIT)),
+        )
         .route("/internal/v1/redeem", post(redeem_post))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
