@@ -142,6 +142,7 @@ await test("owner creates, shares and starts a notebook on the host page (live s
   need("owner", "configId", "team");
   const page = await newPage();
   state.ownerPage = page;
+  await page.clock.install(); // real time flows; the ping test below jumps ahead
   await signIn(page, state.owner.key);
   const name = `browser-test-${nonce()}`;
   await page.selectOption("#config", state.configId);
@@ -348,6 +349,25 @@ await test("a shown notebook nobody touches is idle; closing the iframe makes it
   await page.click("#refresh");
   await shot(page, "owner-closed-detached");
   check(s === "detached", `20 s after closing, the notebook is ${s}`);
+});
+
+// After the detached test: a ping counts as a connected browser for a while.
+await test("while the notebook is shown the host page pings every 60 s, and not after closing", async () => {
+  need("ownerPage", "notebookId");
+  const page = state.ownerPage;
+  const id = state.notebookId;
+  await page.locator(`[data-notebook-id="${id}"] [data-action=open]`).click();
+  await page.frameLocator("#notebook-frame").locator(".cm-content").first().waitFor({ timeout: 60_000 });
+  const ping = page.waitForResponse((r) => r.url().endsWith(`/workloads/notebooks/${id}/ping`));
+  await page.clock.fastForward(61_000);
+  check((await ping).status() === 204, "the ping failed");
+  check((await notebookStatus(state.owner.key, id)) === "running", "after a ping the notebook is not running");
+  await page.click("#close-notebook");
+  let pinged = false;
+  page.on("request", (r) => { if (r.url().endsWith("/ping")) pinged = true; });
+  await page.clock.fastForward(121_000);
+  await sleep(1000);
+  check(!pinged, "the page pings a closed notebook");
 });
 
 await test("owner stops the notebook from the host page (live status to stopped)", async () => {
