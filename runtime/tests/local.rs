@@ -212,10 +212,16 @@ async fn failed_start_reports_the_log_tail_and_leaves_nothing() {
             value: "bogus".into(),
         },
     )]);
+    // A log left large by earlier runs is rotated, not appended to forever.
+    let logs = rt.notebook_dir(id).join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    std::fs::write(logs.join("sail.log"), vec![b'x'; 11 * 1024 * 1024]).unwrap();
     let err = rt
         .start(&spec)
         .await
         .expect_err("Sail must refuse to start");
+    assert!(std::fs::metadata(logs.join("sail.log.1")).unwrap().len() > 10 * 1024 * 1024);
+    assert!(std::fs::metadata(logs.join("sail.log")).unwrap().len() < 64 * 1024);
     let RuntimeError::StartFailed(msg) = err else {
         panic!("expected StartFailed, got {err:?}");
     };

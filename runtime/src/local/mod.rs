@@ -57,6 +57,8 @@ use process::ProcId;
 const SAIL_HOST: &str = "127.0.0.1";
 /// How long stopped servers get between SIGTERM and SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(3);
+/// A server log larger than this at start is rotated to `<name>.log.1`.
+const MAX_LOG_BYTES: u64 = 10 * 1024 * 1024;
 /// Lines of a server's log quoted in a failure message.
 const TAIL_LINES: usize = 20;
 /// Installing a notebook's libraries.
@@ -208,6 +210,11 @@ impl LocalRuntime {
         let log = &dir.logs().join(format!("{what}.log"));
         let cwd = &dir.root;
         let backend = |e: std::io::Error| RuntimeError::Backend(format!("{}: {e}", log.display()));
+        // Logs are appended across starts (a failure's context survives a restart); one
+        // generation is kept so a long-lived notebook cannot fill the disk.
+        if std::fs::metadata(log).is_ok_and(|m| m.len() > MAX_LOG_BYTES) {
+            std::fs::rename(log, log.with_extension("log.1")).map_err(backend)?;
+        }
         let mut file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
