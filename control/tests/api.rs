@@ -1086,7 +1086,11 @@ async fn postgres_variant_fails_loudly_without_a_server() {
     let r = tokio::spawn(async { common::PgDatabase::create().await }).await;
     let panic = r.expect_err("must fail without TEST_POSTGRES_URL");
     let msg = panic.into_panic();
-    let msg = msg.downcast_ref::<String>().cloned().unwrap_or_default();
+    let msg = msg
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| msg.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default();
     assert!(msg.contains("scripts/test.sh"), "{msg}");
 }
 

@@ -284,6 +284,8 @@ async fn routes_feed_and_revocation(store: Store) {
     let (viewer, _) = h.member(&h.admin, "member").await;
     let (owner, owner_key) = h.member(&h.admin, "member").await;
     let (outsider, outsider_key) = h.member(&h.admin, "member").await;
+    // Another organization's admin never views this organization's notebooks.
+    let (_, other_admin, _) = h.cp.create_organization("other", "root").await.unwrap();
     let team = h.team(&h.admin, &[&viewer, &owner]).await;
     let nb = h.notebook(&owner_key, &cfg, &[&team]).await;
     let me = h.get("/iam/me", &h.admin).await.1["member"]["id"]
@@ -310,6 +312,9 @@ async fn routes_feed_and_revocation(store: Store) {
         "team members and admins, not the owner, not outsiders"
     );
     assert!(!route["viewers"].to_string().contains(&outsider));
+    assert!(!route["viewers"]
+        .to_string()
+        .contains(&other_admin.to_string()));
 
     // A poll with the current version waits; unsharing answers it at once, viewer gone.
     let version = snap["version"].as_u64().unwrap();
