@@ -160,7 +160,7 @@ async fn a_notebook_runs_spark_through_the_edge_and_viewers_only_mirror_it() {
         )
         .await;
     assert_eq!(started["status"], "starting");
-    m.wait_status(&nb, "running", Duration::from_secs(180))
+    m.wait_status(&nb, "running|detached", Duration::from_secs(180))
         .await;
 
     // The owner's one-time URL: 303 with a host-only, HttpOnly, SameSite=Strict cookie, and a

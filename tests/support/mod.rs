@@ -10,7 +10,11 @@ use serde_json::{json, Value};
 
 /// A free loopback port (bound then released; the tiny race is acceptable in tests).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// The notebook Python environment the tests share.
@@ -54,13 +58,20 @@ impl Marina {
             .env("MARINA_RUNTIME__LOCAL__VENV_DIR", venv())
             .env("MARINA_LOG", "info")
             .stdin(Stdio::null())
-            .stdout(Stdio::from(std::fs::File::create(dir.path().join("serve.log")).unwrap()))
-            .stderr(Stdio::from(std::fs::File::create(dir.path().join("serve.err")).unwrap()));
+            .stdout(Stdio::from(
+                std::fs::File::create(dir.path().join("serve.log")).unwrap(),
+            ))
+            .stderr(Stdio::from(
+                std::fs::File::create(dir.path().join("serve.err")).unwrap(),
+            ));
         for (k, v) in settings {
             cmd.env(k, v);
         }
         let child = cmd.spawn().expect("spawn marina serve");
-        let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap();
         let mut m = Marina {
             child,
             api: format!("http://127.0.0.1:{cp}"),
@@ -75,13 +86,22 @@ impl Marina {
             if let Ok(Some(status)) = m.child.try_wait() {
                 panic!("marina serve exited ({status}):\n{}", m.logs());
             }
-            let ready = m.http.get(format!("{}/readyz", m.api)).send().await.map(|r| r.status().is_success());
+            let ready = m
+                .http
+                .get(format!("{}/readyz", m.api))
+                .send()
+                .await
+                .map(|r| r.status().is_success());
             let key = std::fs::read_to_string(m.dir.path().join("admin-api-key")).ok();
             if let (Ok(true), Some(key)) = (ready, key) {
                 m.admin_key = key.trim().to_owned();
                 break;
             }
-            assert!(Instant::now() < deadline, "marina serve not ready:\n{}", m.logs());
+            assert!(
+                Instant::now() < deadline,
+                "marina serve not ready:\n{}",
+                m.logs()
+            );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         m
@@ -97,7 +117,13 @@ impl Marina {
     }
 
     /// An API call as `key`; returns status and JSON body (Null when empty).
-    pub async fn call(&self, key: &str, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    pub async fn call(
+        &self,
+        key: &str,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
         let url = format!("{}{}", self.api, path);
         let mut req = self
             .http
@@ -109,50 +135,96 @@ impl Marina {
         let resp = req.send().await.expect("API request");
         let status = resp.status().as_u16();
         let text = resp.text().await.unwrap_or_default();
-        let value = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+        let value = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
         (status, value)
     }
 
     /// As `call`, asserting the status.
-    pub async fn ok(&self, key: &str, method: &str, path: &str, body: Option<Value>, want: u16) -> Value {
+    pub async fn ok(
+        &self,
+        key: &str,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        want: u16,
+    ) -> Value {
         let (status, value) = self.call(key, method, path, body).await;
-        assert_eq!(status, want, "{method} {path} -> {status} {value}\n{}", tail(&self.logs(), 30));
+        assert_eq!(
+            status,
+            want,
+            "{method} {path} -> {status} {value}\n{}",
+            tail(&self.logs(), 30)
+        );
         value
     }
 
     /// A workload config and a notebook owned by the admin; returns the notebook id.
     pub async fn create_notebook(&self, name: &str) -> String {
         let cfg = self
-            .ok(&self.admin_key, "POST", "/workloads/configs", Some(json!({"name": "Local", "config": {"sail": {}}})), 201)
+            .ok(
+                &self.admin_key,
+                "POST",
+                "/workloads/configs",
+                Some(json!({"name": "Local", "config": {"sail": {}}})),
+                201,
+            )
             .await;
         let cfg_id = cfg["id"].as_str().expect("config id").to_owned();
         let nb = self
-            .ok(&self.admin_key, "POST", "/workloads/notebooks", Some(json!({"workloadConfigId": cfg_id, "name": name})), 201)
+            .ok(
+                &self.admin_key,
+                "POST",
+                "/workloads/notebooks",
+                Some(json!({"workloadConfigId": cfg_id, "name": name})),
+                201,
+            )
             .await;
-        nb["item"]["notebookId"].as_str().expect("notebook id").to_owned()
+        nb["item"]["notebookId"]
+            .as_str()
+            .expect("notebook id")
+            .to_owned()
     }
 
-    /// Polls the notebook until its status is `want` (panics on `failed` unless wanted).
+    /// Polls the notebook until its status is one of `want` (`|`-separated; panics on `failed`
+    /// unless wanted).
     pub async fn wait_status(&self, id: &str, want: &str, within: Duration) -> Value {
         let deadline = Instant::now() + within;
         loop {
-            let v = self.ok(&self.admin_key, "GET", &format!("/workloads/notebooks/{id}"), None, 200).await;
+            let v = self
+                .ok(
+                    &self.admin_key,
+                    "GET",
+                    &format!("/workloads/notebooks/{id}"),
+                    None,
+                    200,
+                )
+                .await;
             let nb = v["included"]["notebooks"][0].clone();
             let status = nb["status"].as_str().unwrap_or_default().to_owned();
-            if status == want {
+            if want.split('|').any(|w| w == status) {
                 return nb;
             }
-            if status == "failed" && want != "failed" {
+            if status == "failed" && !want.contains("failed") {
                 panic!("notebook failed: {nb}\n{}", tail(&self.logs(), 40));
             }
-            assert!(Instant::now() < deadline, "notebook still {status}, wanted {want}: {nb}");
+            assert!(
+                Instant::now() < deadline,
+                "notebook still {status}, wanted {want}: {nb}"
+            );
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
 
     /// Stops the server as a person would (SIGTERM) and waits for it.
     pub fn terminate(&mut self) {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -182,7 +254,9 @@ pub fn processes_mentioning(needle: &str) -> Vec<String> {
     let mut found = Vec::new();
     if let Ok(entries) = std::fs::read_dir("/proc") {
         for e in entries.flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
             if pid == me {
                 continue;
             }
@@ -205,17 +279,37 @@ pub struct EdgeSession {
 }
 
 /// Redeems a one-time URL like a browser would; returns the session and the raw response.
-pub async fn redeem(http: &reqwest::Client, url: &str) -> Result<(EdgeSession, reqwest::header::HeaderMap), (u16, String)> {
+pub async fn redeem(
+    http: &reqwest::Client,
+    url: &str,
+) -> Result<(EdgeSession, reqwest::header::HeaderMap), (u16, String)> {
     let resp = http.get(url).send().await.expect("handshake request");
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
     if status != 303 {
         return Err((status, resp.text().await.unwrap_or_default()));
     }
-    let set_cookie = headers.get("set-cookie").and_then(|v| v.to_str().ok()).unwrap_or_default();
+    let set_cookie = headers
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
     let cookie = set_cookie.split(';').next().unwrap_or_default().to_owned();
-    let location = headers.get("location").and_then(|v| v.to_str().ok()).unwrap_or_default();
+    let location = headers
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
     let origin = url.splitn(4, '/').take(3).collect::<Vec<_>>().join("/");
-    let base = if location.starts_with("http") { location.to_owned() } else { format!("{origin}{location}") };
-    Ok((EdgeSession { cookie, base, origin }, headers))
+    let base = if location.starts_with("http") {
+        location.to_owned()
+    } else {
+        format!("{origin}{location}")
+    };
+    Ok((
+        EdgeSession {
+            cookie,
+            base,
+            origin,
+        },
+        headers,
+    ))
 }
