@@ -317,11 +317,17 @@ await test("an origin not allowed to embed notebooks is refused by frame-ancesto
   const page = await newPage();
   try {
     const refusals = [];
+    const edgeResponses = []; // for the failure message: what the edge answered, with or without CSP
     page.on("console", (m) => { if (/frame-ancestors/.test(m.text())) refusals.push(m.text()); });
+    page.on("response", async (r) => {
+      if (!r.url().startsWith(EDGE_URL)) return;
+      const csp = await r.headerValue("content-security-policy");
+      edgeResponses.push(`${r.status()} ${new URL(r.url()).pathname} CSP: ${csp || "none"}`);
+    });
     await page.goto(`http://localhost:${server.address().port}/`);
     for (let i = 0; !refusals.length && i < 20; i++) await sleep(500);
     await shot(page, "foreign-origin-blocked");
-    check(refusals.length > 0, "no frame-ancestors refusal reported by the browser");
+    check(refusals.length > 0, `the browser refused no frame; the edge answered: ${edgeResponses.join("; ")}`);
     const frame = await (await page.$("#f")).contentFrame();
     check(frame.url().startsWith("chrome-error:"), `the frame shows ${frame.url()}`);
   } finally {
