@@ -489,13 +489,11 @@ impl LocalRuntime {
     }
 
     /// Whether a recorded notebook's processes are alive; `Err` says which one is not and why.
-    fn check_alive(&self, id: Id, record: &RunRecord) -> Result<(), String> {
+    async fn check_alive(&self, id: Id, record: &RunRecord) -> Result<(), String> {
         let dir = self.dir(id);
+        // Receivers are cloned out so the lock is not held while waiting on them.
         let (sail_exit, marimo_exit) = match self.lock_running().get(&id) {
-            Some(r) => (
-                r.sail_exit.as_ref().and_then(|w| w.borrow().clone()),
-                r.marimo_exit.as_ref().and_then(|w| w.borrow().clone()),
-            ),
+            Some(r) => (r.sail_exit.clone(), r.marimo_exit.clone()),
             None => (None, None),
         };
         let servers = [
@@ -512,7 +510,19 @@ impl LocalRuntime {
                 return Err(format!("the {name} server was never started"));
             };
             let how = match exit {
-                Some(how) => Some(how),
+                Some(mut exit) => {
+                    if exit.borrow().is_none() && !server.proc.is_alive() {
+                        // Our child died but its reaper task has not published the status
+                        // yet; it is about to, and the status is worth the short wait.
+                        let _ =
+                            tokio::time::timeout(Duration::from_millis(500), exit.changed()).await;
+                        let how = exit.borrow().clone();
+                        Some(how.unwrap_or_else(|| "exit status unknown".to_owned()))
+                    } else {
+                        exit.borrow().clone()
+                    }
+                }
+                // Adopted after a restart: not our child, so only /proc can tell.
                 None if !server.proc.is_alive() => Some("exit status unknown".to_owned()),
                 None => None,
             };
@@ -528,7 +538,7 @@ impl LocalRuntime {
 
     /// Both alive and answering.
     async fn probe(&self, id: Id, record: &RunRecord) -> Health {
-        if let Err(why) = self.check_alive(id, record) {
+        if let Err(why) = self.check_alive(id, record).await {
             return Health::Failed(why);
         }
         let sail = process::accepts_tcp(&host_port(SAIL_HOST, record.sail.port)).await;
