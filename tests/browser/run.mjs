@@ -247,6 +247,8 @@ await test("team member sees the owner's live outputs read-only; edit, run and t
   const frame = page.frameLocator("#notebook-frame");
   await frame.getByText(sailAnswer(state.tag1), { exact: true }).first().waitFor({ timeout: 60_000 });
   await shot(page, "viewer-sees-owner-output");
+  const editable = await frame.locator(".cm-content").first().getAttribute("contenteditable");
+  check(editable === "false", `the viewer's cell is editable (${editable})`);
 
   // Try everything a viewer's UI offers: take over, type into the cell, run it.
   const takeover = frame.getByTestId("takeover-button");
@@ -270,6 +272,7 @@ await test("team member sees the owner's live outputs read-only; edit, run and t
     };
   }, { headers: marimoHeaders, cellId });
   check(statuses.takeover >= 400 && statuses.run >= 400, `viewer API calls answered ${JSON.stringify(statuses)}`);
+  await fHandle.evaluate(() => getSelection().removeAllRanges()); // Ctrl-A selected the page
   await sleep(2000);
   await shot(page, "viewer-after-attempts");
 

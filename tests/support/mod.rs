@@ -44,7 +44,11 @@ pub struct Marina {
 impl Marina {
     /// Starts `marina serve` with extra `MARINA_*` settings and waits until it is ready.
     pub async fn start(settings: &[(&str, &str)]) -> Marina {
-        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(tempfile::tempdir().unwrap(), settings).await
+    }
+
+    /// As `start`, in an existing data directory (a restart).
+    pub async fn start_in(dir: tempfile::TempDir, settings: &[(&str, &str)]) -> Marina {
         let (cp, ep, ap) = (free_port(), free_port(), free_port());
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_marina"));
         cmd.arg("serve")
@@ -217,6 +221,15 @@ impl Marina {
             );
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
+    }
+
+    /// Kills the server the hard way (a crash), keeping its data directory.
+    pub fn crash(mut self) -> tempfile::TempDir {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        drop(self);
+        dir
     }
 
     /// Stops the server as a person would (SIGTERM) and waits for it.
