@@ -475,6 +475,13 @@ async fn bad_input_names_the_field(store: Store) {
         (s, code(&v)),
         (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
     );
+    let (s, v) = h
+        .call(Method::PUT, "/workloads/notebooks", Some(&h.admin), None)
+        .await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
+    );
     // Unknown routes answer in the same shape.
     let (s, v) = h.get("/nope", &h.admin).await;
     assert_eq!((s, code(&v)), (StatusCode::NOT_FOUND, "route_not_found"));

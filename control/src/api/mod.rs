@@ -121,6 +121,7 @@ pub fn router(state: AppState) -> Router {
     }
     let limit = state.settings.control.max_body_bytes;
     r.fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
@@ -131,6 +132,10 @@ async fn not_found() -> ApiError {
         code: "route_not_found",
         what: "route",
     }
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
 }
 
 /// Counts and times every request by matched route, and logs 5xx details (which never reach
