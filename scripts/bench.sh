@@ -58,7 +58,11 @@ PIN_LOAD="taskset -c 1"
 
 # 2,000 held WebSockets: the client, the proxy (both sides) and the upstream each need a socket.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
-if [ "$(ulimit -n)" -lt $((IDLE_CONNS * 2 + 1000)) ]; then
+NOFILE=$(ulimit -n)
+# HAProxy needs two descriptors per connection and checks the limit up front.
+HAPROXY_MAXCONN=$(((NOFILE - 200) / 2))
+if [ "$HAPROXY_MAXCONN" -gt 30000 ]; then HAPROXY_MAXCONN=30000; fi
+if [ "$NOFILE" -lt $((IDLE_CONNS * 2 + 1000)) ]; then
   echo "open-file limit $(ulimit -n) is too low for $IDLE_CONNS idle WebSockets" >&2
   exit 1
 fi
@@ -176,7 +180,7 @@ EOF
 mkdir -p "$WORK/nginx"
 cat >"$WORK/nginx.conf" <<EOF
 worker_processes 1;
-worker_rlimit_nofile 65536;
+worker_rlimit_nofile $NOFILE;
 daemon off;
 pid $WORK/nginx/nginx.pid;
 error_log $WORK/nginx/error.log warn;
@@ -220,7 +224,7 @@ EOF
 cat >"$WORK/haproxy.cfg" <<EOF
 global
   nbthread 1
-  maxconn 30000
+  maxconn $HAPROXY_MAXCONN
   log stderr format raw local0 err
 defaults
   mode http
@@ -233,11 +237,11 @@ defaults
   timeout http-keep-alive 300s
 frontend fe
   bind 127.0.0.1:$HAPROXY_PORT
-  maxconn 30000
+  maxconn $HAPROXY_MAXCONN
   default_backend marimo
 backend marimo
   http-request set-header Authorization "Bearer x"
-  server up1 127.0.0.1:$UP_PORT maxconn 30000
+  server up1 127.0.0.1:$UP_PORT maxconn $HAPROXY_MAXCONN
 EOF
 
 # --- targets ----------------------------------------------------------------------------------

@@ -209,6 +209,10 @@ struct Outcome {
     max_us: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     kib_per_conn: Option<f64>,
+    /// Share of one CPU the load generator itself used over the run (near 1.0: it may be the
+    /// bottleneck, and the figure is a lower bound).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_cpu: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     rss_before_kib: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -253,6 +257,37 @@ fn check_loopback(addr: &SocketAddr) -> anyhow::Result<()> {
         "{addr}: load goes to loopback addresses only"
     );
     Ok(())
+}
+
+/// CPU time this process has used (user + system), from `/proc/self/stat`.
+fn cpu_time() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    // USER_HZ is 100 on every Linux this runs on.
+    Some(Duration::from_millis(ticks * 10))
+}
+
+/// Measures the CPU share of the load generator between `new` and `share`.
+struct CpuMeter {
+    wall: Instant,
+    cpu: Option<Duration>,
+}
+
+impl CpuMeter {
+    fn new() -> CpuMeter {
+        CpuMeter {
+            wall: Instant::now(),
+            cpu: cpu_time(),
+        }
+    }
+
+    fn share(&self) -> Option<f64> {
+        let used = cpu_time()?.checked_sub(self.cpu?)?;
+        Some(used.as_secs_f64() / self.wall.elapsed().as_secs_f64().max(1e-3))
+    }
 }
 
 fn now_secs() -> u64 {
@@ -553,6 +588,7 @@ async fn http_load(c: Common) -> anyhow::Result<Outcome> {
     }
     req.push_str("\r\n");
     let req: Rc<[u8]> = Rc::from(req.into_bytes());
+    let meter = CpuMeter::new();
     let w = Window::new(c.warmup, c.duration)?;
     // Open every connection first, so connection set-up is not part of the measurement.
     let mut conns = Vec::with_capacity(c.connections);
@@ -576,6 +612,7 @@ async fn http_load(c: Common) -> anyhow::Result<Outcome> {
     let mut o = outcome(&c, &total);
     o.rps = Some(total.count as f64 / c.duration);
     o.mib_s = Some(total.bytes as f64 / c.duration / (1024.0 * 1024.0));
+    o.client_cpu = meter.share();
     ensure!(
         total.count > 0,
         "no successful request (errors: {})",
@@ -776,6 +813,7 @@ async fn ws_load(a: WsArgs) -> anyhow::Result<Outcome> {
         "connections must be 1–20000"
     );
     ensure!(a.size <= 1 << 20, "message size at most 1 MiB");
+    let meter = CpuMeter::new();
     let w = Window::new(c.warmup, c.duration)?;
     let mut socks = Vec::with_capacity(c.connections);
     for _ in 0..c.connections {
@@ -795,6 +833,7 @@ async fn ws_load(a: WsArgs) -> anyhow::Result<Outcome> {
     }
     let mut o = outcome(&c, &total);
     o.msgs_s = Some(total.count as f64 / c.duration);
+    o.client_cpu = meter.share();
     ensure!(
         total.count > 0,
         "no message echoed (errors: {})",
@@ -1132,6 +1171,23 @@ fn report(a: &ReportArgs) -> anyhow::Result<()> {
         ));
     }
     let errors: u64 = rows.iter().map(|o| o.errors).sum();
+    let cpu: Vec<String> = TARGETS
+        .iter()
+        .filter_map(|t| {
+            let max = rows
+                .iter()
+                .filter(|o| o.target == *t)
+                .filter_map(|o| o.client_cpu)
+                .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))))?;
+            Some(format!("{t} {:.0} %", max * 100.0))
+        })
+        .collect();
+    if !cpu.is_empty() {
+        table.push_str(&format!(
+            "\nLoad generator's highest CPU use in a run (of its one core): {}.",
+            cpu.join(", ")
+        ));
+    }
     table.push_str(&format!(
         "\nFailed requests/messages across all runs: {errors}. For the `direct` column of the idle row \
          the memory is the upstream's own (it terminates the WebSockets).\n"
