@@ -867,3 +867,57 @@ async fn silent_and_slow_clients_are_disconnected() {
     }
     edge.stop().await;
 }
+
+#[tokio::test]
+async fn silent_browsers_are_pinged_then_closed() {
+    let w = ws_world(EdgeOptions {
+        ws_ping_idle: (1, 3),
+        ..EdgeOptions::default()
+    })
+    .await;
+    let owner = login(&w.edge, &w.keys, &w.route, id(OWNER), AccessMode::Edit).await;
+    // A live browser answers pings (tungstenite does when polled): the socket stays open past
+    // the idle limit.
+    let mut ws = ws_connect(&w.edge, &owner, &w.edge.origin(), "session_id=s_aaaaaa")
+        .await
+        .unwrap();
+    let mut pings = 0;
+    let until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < until {
+        match tokio::time::timeout_at(until.into(), ws.next()).await {
+            Ok(Some(Ok(Message::Ping(_)))) => pings += 1,
+            Ok(Some(Ok(Message::Close(f)))) => panic!("closed a live socket: {f:?}"),
+            Ok(Some(Ok(_))) => {}
+            Ok(other) => panic!("{other:?}"),
+            Err(_) => break,
+        }
+    }
+    assert!(pings >= 2, "pinged {pings} times");
+    ws.send(Message::text("echo:alive")).await.unwrap();
+    assert!(matches!(
+        ws.next().await,
+        Some(Ok(Message::Ping(_)) | Ok(Message::Text(_)))
+    ));
+
+    // A browser that went silent (no pongs) is closed with 1001.
+    let mut raw = TcpStream::connect(w.edge.addr).await.unwrap();
+    let req = format!(
+        "GET /notebooks/{NB}/ws?session_id=s_bbbbbb HTTP/1.1\r\nHost: {}\r\nOrigin: {}\r\nCookie: {owner}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        w.edge.addr,
+        w.edge.origin()
+    );
+    raw.write_all(req.as_bytes()).await.unwrap();
+    let started = Instant::now();
+    let mut got = Vec::new();
+    let read_all = tokio::time::timeout(Duration::from_secs(8), raw.read_to_end(&mut got)).await;
+    assert!(read_all.is_ok(), "silent socket not closed");
+    assert!(started.elapsed() >= Duration::from_secs(2));
+    let body = &got[got.windows(4).position(|x| x == b"\r\n\r\n").unwrap() + 4..];
+    let close_at = body
+        .windows(2)
+        .position(|x| x[0] == 0x88)
+        .expect("a close frame after the pings");
+    assert_eq!(&body[close_at + 2..close_at + 4], &1001u16.to_be_bytes());
+    assert!(body[0] == 0x89, "pinged first");
+    w.edge.stop().await;
+}

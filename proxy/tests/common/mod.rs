@@ -119,6 +119,8 @@ pub struct EdgeOptions {
     pub subdomain: bool,
     /// TLS certificate and key files.
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// `proxy.timeouts.websocket_ping_seconds` / `websocket_idle_seconds`.
+    pub ws_ping_idle: (u64, u64),
 }
 
 impl Default for EdgeOptions {
@@ -133,6 +135,7 @@ impl Default for EdgeOptions {
             control_routes: false,
             subdomain: false,
             tls: None,
+            ws_ping_idle: (30, 90),
         }
     }
 }
@@ -203,6 +206,8 @@ impl TestEdge {
         s.proxy.activity_interval_ms = 200;
         s.proxy.timeouts.shutdown_grace_seconds = 3;
         s.proxy.timeouts.header_read_ms = 1500;
+        s.proxy.timeouts.websocket_ping_seconds = opts.ws_ping_idle.0;
+        s.proxy.timeouts.websocket_idle_seconds = opts.ws_ping_idle.1;
         s.internal.token = "internal-test-token".into();
         s.tokens.public_keys = vec![PublicKeySetting {
             kid: "k1".into(),
