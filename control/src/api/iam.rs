@@ -225,8 +225,10 @@ pub async fn members_update(
     .bind(p.org_id.to_string())
     .execute(&mut *tx)
     .await?;
-    // Checked after the write, in the same transaction: two admins demoting each other at
-    // once cannot both pass the check.
+    // Checked after the write, in the same transaction. The routes-version bump that opened
+    // the transaction holds that row's lock until commit, so role changes and member
+    // deletions run one after the other (also under PostgreSQL's read committed), and two
+    // admins demoting each other at once cannot both pass the check.
     if admin_count(&mut tx, p.org_id).await? == 0 {
         tx.rollback().await?;
         return Err(last_admin());
