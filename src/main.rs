@@ -384,7 +384,11 @@ fn redact(v: &mut serde_json::Value) {
     match v {
         serde_json::Value::Object(map) => {
             for (k, v) in map.iter_mut() {
-                if k == "token" || k == "keys" {
+                if k == "url" {
+                    if let serde_json::Value::String(url) = v {
+                        *url = redact_url_password(url);
+                    }
+                } else if k == "token" || k == "keys" {
                     if !v.is_null() && v != &serde_json::Value::String(String::new()) {
                         *v = serde_json::Value::String("<redacted>".into());
                     }
@@ -395,5 +399,43 @@ fn redact(v: &mut serde_json::Value) {
         }
         serde_json::Value::Array(items) => items.iter_mut().for_each(redact),
         _ => {}
+    }
+}
+
+/// `postgres://user:secret@host/db` → `postgres://user:<redacted>@host/db`.
+fn redact_url_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((userinfo, host)) = rest.split_once('@') else {
+        return url.to_owned();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:<redacted>@{host}"),
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn printed_configuration_hides_secrets() {
+        let mut v = serde_json::json!({
+            "database": {"url": "postgres://marina:hunter2@db:5432/marina"},
+            "internal": {"token": "abc"},
+            "proxy": {"cookie": {"keys": ["00"]}},
+        });
+        redact(&mut v);
+        let s = v.to_string();
+        assert!(
+            !s.contains("hunter2") && !s.contains("abc") && !s.contains("\"00\""),
+            "{s}"
+        );
+        assert!(
+            s.contains("postgres://marina:<redacted>@db:5432/marina"),
+            "{s}"
+        );
     }
 }
