@@ -81,6 +81,34 @@ fn processes_under(dir: &Path) -> Vec<(i32, String)> {
     found
 }
 
+/// Kills a test's notebooks when the test panics before stopping them: they run in their own
+/// process groups, so a failed test would otherwise leave them running.
+struct KillOnPanic(PathBuf);
+
+impl Drop for KillOnPanic {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let Ok(dirs) = std::fs::read_dir(self.0.join("notebooks")) else {
+            return;
+        };
+        for dir in dirs.flatten() {
+            let Ok(text) = std::fs::read_to_string(dir.path().join("run.json")) else {
+                continue;
+            };
+            let run: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+            for server in ["sail", "marimo"] {
+                if let Some(pid) = run[server]["pid"].as_i64() {
+                    let _ = std::process::Command::new("kill")
+                        .args(["-KILL", "--", &format!("-{pid}")])
+                        .status();
+                }
+            }
+        }
+    }
+}
+
 async fn wait_until_gone(dir: &Path) -> Vec<(i32, String)> {
     // `stop` returns once the groups are gone; this only absorbs /proc update lag.
     for _ in 0..20 {
@@ -98,6 +126,7 @@ async fn notebook_runs_spark_through_marimo_and_stops_cleanly() {
     // A settings variable, as `marina serve` may have; it must not reach notebook code.
     std::env::set_var("MARINA_INTERNAL__TOKEN", "not-for-notebooks");
     let data = tempfile::tempdir().unwrap();
+    let _kill_on_panic = KillOnPanic(data.path().to_owned());
     let rt = LocalRuntime::new(&settings(data.path())).unwrap();
     rt.prepare()
         .await
@@ -201,6 +230,7 @@ async fn notebook_runs_spark_through_marimo_and_stops_cleanly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_start_reports_the_log_tail_and_leaves_nothing() {
     let data = tempfile::tempdir().unwrap();
+    let _kill_on_panic = KillOnPanic(data.path().to_owned());
     let rt = LocalRuntime::new(&settings(data.path())).unwrap();
     let id = Id::random();
     let mut spec = spec(id, None);
@@ -239,6 +269,7 @@ async fn failed_start_reports_the_log_tail_and_leaves_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconcile_adopts_expected_and_kills_the_rest() {
     let data = tempfile::tempdir().unwrap();
+    let _kill_on_panic = KillOnPanic(data.path().to_owned());
     let s = settings(data.path());
     let (a, b) = (Id::random(), Id::random());
     let (spec_a, spec_b) = (spec(a, None), spec(b, None));
@@ -281,6 +312,7 @@ async fn reconcile_adopts_expected_and_kills_the_rest() {
 #[tokio::test]
 async fn bad_input_is_refused_before_anything_runs() {
     let data = tempfile::tempdir().unwrap();
+    let _kill_on_panic = KillOnPanic(data.path().to_owned());
     let rt = LocalRuntime::new(&settings(data.path())).unwrap();
     let id = Id::random();
     let mut k8s = spec(id, None);
@@ -306,6 +338,7 @@ async fn bad_input_is_refused_before_anything_runs() {
 #[tokio::test]
 async fn prepare_without_python_is_a_clear_error() {
     let data = tempfile::tempdir().unwrap();
+    let _kill_on_panic = KillOnPanic(data.path().to_owned());
     let mut s = settings(data.path());
     s.runtime.local.venv_dir = Some(data.path().join("venv"));
     s.runtime.local.python = data.path().join("no-such-python").display().to_string();
@@ -320,6 +353,7 @@ async fn prepare_without_python_is_a_clear_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_server_makes_health_failed_with_its_exit() {
     let data = tempfile::tempdir().unwrap();
+    let _kill_on_panic = KillOnPanic(data.path().to_owned());
     let rt = LocalRuntime::new(&settings(data.path())).unwrap();
     let id = Id::random();
     let spec = spec(id, None);
@@ -385,6 +419,7 @@ with zipfile.ZipFile(sys.argv[1], "w") as z:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn libraries_are_installed_into_the_notebook_overlay() {
     let data = tempfile::tempdir().unwrap();
+    let _kill_on_panic = KillOnPanic(data.path().to_owned());
     let rt = LocalRuntime::new(&settings(data.path())).unwrap();
     let id = Id::random();
     let wheel = probe_wheel(data.path());
@@ -434,6 +469,7 @@ async fn prepare_creates_the_environment_from_scratch() {
         .with_max_level(tracing::Level::INFO)
         .try_init();
     let data = tempfile::tempdir().unwrap();
+    let _kill_on_panic = KillOnPanic(data.path().to_owned());
     let mut s = settings(data.path());
     s.runtime.local.venv_dir = None; // DATA_DIR/venv
     let rt = LocalRuntime::new(&s).unwrap();
