@@ -112,7 +112,7 @@ impl SecondEdge {
     async fn start(m: &Marina) -> SecondEdge {
         let (port, admin) = (free_port(), free_port());
         let url = format!("http://127.0.0.1:{port}");
-        let child = Command::new(env!("CARGO_BIN_EXE_marina"))
+        let mut child = Command::new(env!("CARGO_BIN_EXE_marina"))
             .args(["proxy", "--data-dir"])
             .arg(m.dir.path())
             .env("MARINA_PROXY__LISTEN", format!("127.0.0.1:{port}"))
@@ -139,6 +139,8 @@ impl SecondEdge {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        let _ = child.kill();
+        let _ = child.wait();
         panic!(
             "second edge not ready: {}",
             std::fs::read_to_string(m.dir.path().join("edge2.err")).unwrap_or_default()
