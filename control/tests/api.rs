@@ -1142,3 +1142,57 @@ async fn serves_over_loopback_and_shuts_down() {
         .unwrap()
         .unwrap();
 }
+
+/// Two admins demoting each other at once: exactly one succeeds, one admin remains.
+async fn last_admin_race(store: Store) {
+    let h = std::sync::Arc::new(Harness::new(store).await);
+    let me = h.get("/iam/me", &h.admin).await.1["member"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (other, other_key) = h.member(&h.admin, "admin").await;
+    let a = {
+        let h = h.clone();
+        tokio::spawn(async move {
+            h.patch(
+                &format!("/iam/members/{other}"),
+                &h.admin,
+                json!({"role": "member"}),
+            )
+            .await
+            .0
+        })
+    };
+    let b = {
+        let h = h.clone();
+        let me = me.clone();
+        tokio::spawn(async move {
+            h.patch(
+                &format!("/iam/members/{me}"),
+                &other_key,
+                json!({"role": "member"}),
+            )
+            .await
+            .0
+        })
+    };
+    let mut outcomes = vec![a.await.unwrap(), b.await.unwrap()];
+    outcomes.sort();
+    // The loser is refused as last admin (409) or, if it ran second with a key that had just
+    // been demoted, as a non-admin (403).
+    assert_eq!(outcomes[0], StatusCode::OK, "{outcomes:?}");
+    assert!(
+        [StatusCode::FORBIDDEN, StatusCode::CONFLICT].contains(&outcomes[1]),
+        "{outcomes:?}"
+    );
+    let key = h.cp.create_api_key(None, "check").await.unwrap();
+    let (_, list) = h.get("/iam/members", &key).await;
+    let admins = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["role"] == "admin")
+        .count();
+    assert_eq!(admins, 1);
+}
+both!(last_admin_race);
