@@ -136,6 +136,7 @@ async fn notebook_runs_spark_through_marimo_and_stops_cleanly() {
     let nb_dir = rt.notebook_dir(id);
 
     let mut timings = Vec::new();
+    let mut stop_timings = Vec::new();
     for round in 0..3 {
         let mut spec = spec(id, Some(base.clone()));
         spec.sail.extra_env = BTreeMap::from([(
@@ -210,6 +211,7 @@ async fn notebook_runs_spark_through_marimo_and_stops_cleanly() {
         let t = Instant::now();
         rt.stop(id).await.unwrap();
         let stop_time = t.elapsed();
+        stop_timings.push(stop_time);
         let left = wait_until_gone(&nb_dir).await;
         assert!(left.is_empty(), "processes left after stop: {left:?}");
         assert!(
@@ -225,6 +227,7 @@ async fn notebook_runs_spark_through_marimo_and_stops_cleanly() {
         rt.stop(id).await.unwrap();
     }
     eprintln!("local notebook start→healthy: {timings:?}");
+    eprintln!("local notebook stop (processes gone): {stop_timings:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
