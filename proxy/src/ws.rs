@@ -282,17 +282,24 @@ where
     }
     let mut routes_rx = ctx.routes.subscribe();
     routes_rx.mark_unchanged();
-    let tick_every = cfg
-        .ping_every
-        .min(Duration::from_secs(1))
-        .max(Duration::from_millis(100));
-    let mut tick = tokio::time::interval(tick_every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // One timer per socket, re-armed to the next instant that matters (ping, idle limit,
+    // close deadline, linger): an idle socket wakes once per ping interval, not every second.
     let mut last_ping = Instant::now();
     let mut deadline: Option<Instant> = None;
+    let mut linger: Option<Instant> = None;
+    let timer = tokio::time::sleep(cfg.ping_every);
+    tokio::pin!(timer);
     let end = loop {
         tokio::select! {
-            end = poll_fn(|cx| relay.poll(cx)) => break end,
+            r = poll_fn(|cx| match relay.poll(cx) {
+                Poll::Ready(end) => Poll::Ready(Some(end)),
+                // One direction just finished: give the other a few seconds (re-arm the timer).
+                Poll::Pending if linger.is_none() && relay.half_closed() => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            }) => match r {
+                Some(end) => break end,
+                None => linger = Some(Instant::now() + Duration::from_secs(5)),
+            },
             changed = routes_rx.changed(), if deadline.is_none() => {
                 if changed.is_err() {
                     continue;
@@ -313,29 +320,42 @@ where
                 relay.close(close::GOING_AWAY, "edge shutting down");
                 deadline = Some(Instant::now() + Duration::from_secs(1));
             }
-            _ = tick.tick() => {
+            _ = &mut timer => {
                 let now = Instant::now();
-                if let Some(d) = deadline {
-                    if now >= d {
-                        break End::ClosedByEdge;
-                    }
-                    continue;
+                if deadline.is_some_and(|d| now >= d) {
+                    break End::ClosedByEdge;
                 }
-                if let Some(d) = relay.linger_deadline(now) {
-                    if now >= d {
-                        break End::Closed;
-                    }
+                if linger.is_some_and(|l| now >= l) {
+                    break End::Closed;
                 }
-                let silent = now.duration_since(relay.last_browser_rx);
-                if silent >= cfg.idle_after {
-                    relay.close(close::GOING_AWAY, "idle");
-                    deadline = Some(now + Duration::from_secs(1));
-                } else if silent >= cfg.ping_every && now.duration_since(last_ping) >= cfg.ping_every {
-                    relay.down.inject = Some(Control::ping());
-                    last_ping = now;
+                if deadline.is_none() {
+                    let silent = now.duration_since(relay.last_browser_rx);
+                    if silent >= cfg.idle_after {
+                        relay.close(close::GOING_AWAY, "idle");
+                        deadline = Some(now + Duration::from_secs(1));
+                    } else if silent >= cfg.ping_every
+                        && now.duration_since(last_ping) >= cfg.ping_every
+                    {
+                        relay.down.inject = Some(Control::ping());
+                        last_ping = now;
+                    }
                 }
             }
         }
+        // Re-arm: the earliest of the close deadline, the linger end, the next ping and the
+        // idle limit (both measured from the browser's latest bytes).
+        let next = match (deadline, linger) {
+            (Some(d), _) => d,
+            (None, Some(l)) => l,
+            (None, None) => {
+                let quiet_since = relay.last_browser_rx;
+                let next_ping = quiet_since.max(last_ping) + cfg.ping_every;
+                next_ping.min(quiet_since + cfg.idle_after)
+            }
+        };
+        timer
+            .as_mut()
+            .reset(tokio::time::Instant::from_std(next.max(Instant::now())));
     };
     drop(ctx.guard);
     end
@@ -413,13 +433,9 @@ where
         self.up.stop_after_inject = true;
     }
 
-    /// Once one direction is done, the other gets a few seconds to finish the close handshake.
-    fn linger_deadline(&mut self, now: Instant) -> Option<Instant> {
-        if self.up.finished.is_some() || self.down.finished.is_some() {
-            Some(*self.up.linger.get_or_insert(now + Duration::from_secs(5)))
-        } else {
-            None
-        }
+    /// One direction is done (the other then gets a few seconds to finish).
+    fn half_closed(&self) -> bool {
+        self.up.finished.is_some() || self.down.finished.is_some()
     }
 }
 
@@ -496,7 +512,6 @@ struct Pipe {
     need_flush: bool,
     eof: bool,
     finished: Option<PipeEnd>,
-    linger: Option<Instant>,
 }
 
 impl Pipe {
@@ -513,7 +528,6 @@ impl Pipe {
             need_flush: false,
             eof: false,
             finished: None,
-            linger: None,
         }
     }
 
