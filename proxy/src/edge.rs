@@ -178,7 +178,11 @@ impl Edge {
         let base = p.cookie.name.clone();
         let cookie_names = [base.clone(), format!("__Host-{base}")];
         let edge_id = if p.edge_id.is_empty() {
-            format!("edge-{}", p.listen)
+            // The hostname (a pod name under Kubernetes) and port: unique per replica.
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_else(|_| "edge".into());
+            format!("{host}:{}", p.listen.port())
         } else {
             p.edge_id.clone()
         };
