@@ -921,3 +921,53 @@ async fn silent_browsers_are_pinged_then_closed() {
     assert!(body[0] == 0x89, "pinged first");
     w.edge.stop().await;
 }
+
+#[tokio::test]
+async fn unreachable_or_silent_upstream_gives_a_clear_502() {
+    let keys = Keys::generate();
+    // Nothing listens here.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    // This one accepts and never answers.
+    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    let a = route(NB, "SESSION001", dead, id(OWNER), &[]);
+    let b = route("SILENT0001", "SESSION001", silent_addr, id(OWNER), &[]);
+    let opts = EdgeOptions {
+        upstream_response_ms: 800,
+        ..EdgeOptions::default()
+    };
+    let edge = TestEdge::start(&keys, &[a.clone(), b.clone()], opts).await;
+    for (r, reason) in [(&a, "upstream_connect"), (&b, "upstream_timeout")] {
+        let cookie = login(&edge, &keys, r, id(OWNER), AccessMode::Edit).await;
+        let started = Instant::now();
+        let resp = client()
+            .get(edge.url(&format!("/notebooks/{}/", r.notebook_id)))
+            .header("cookie", cookie)
+            .header("accept", "text/html")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 502, "{reason}");
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "{reason}: no hang"
+        );
+        assert!(resp.text().await.unwrap().contains("not responding"));
+        assert!(
+            edge.metrics
+                .render()
+                .contains(&format!("reason=\"{reason}\"")),
+            "{reason}"
+        );
+    }
+    edge.stop().await;
+}

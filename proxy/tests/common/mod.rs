@@ -121,6 +121,8 @@ pub struct EdgeOptions {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// `proxy.timeouts.websocket_ping_seconds` / `websocket_idle_seconds`.
     pub ws_ping_idle: (u64, u64),
+    /// `proxy.timeouts.upstream_response_ms`.
+    pub upstream_response_ms: u64,
 }
 
 impl Default for EdgeOptions {
@@ -136,6 +138,7 @@ impl Default for EdgeOptions {
             subdomain: false,
             tls: None,
             ws_ping_idle: (30, 90),
+            upstream_response_ms: 60_000,
         }
     }
 }
@@ -206,6 +209,7 @@ impl TestEdge {
         s.proxy.activity_interval_ms = 200;
         s.proxy.timeouts.shutdown_grace_seconds = 3;
         s.proxy.timeouts.header_read_ms = 1500;
+        s.proxy.timeouts.upstream_response_ms = opts.upstream_response_ms;
         s.proxy.timeouts.websocket_ping_seconds = opts.ws_ping_idle.0;
         s.proxy.timeouts.websocket_idle_seconds = opts.ws_ping_idle.1;
         s.internal.token = "internal-test-token".into();
