@@ -459,6 +459,21 @@ async fn libraries_are_installed_into_the_notebook_overlay() {
     };
     assert!(msg.contains("libraries[0]"), "{msg}");
     assert!(msg.contains("nothing-1.0"), "{msg}");
+
+    // Nothing reaches pip as an option.
+    let mut bad = self::spec(id, None);
+    bad.sail =
+        sail_config(r#"{"libraries": [{"pypi": {"package": "six"}}, {"whl": "--target=/tmp/x"}]}"#);
+    let err = rt.start(&bad).await.unwrap_err().to_string();
+    assert!(
+        err.contains("libraries[1]") && err.contains("must not start with -"),
+        "{err}"
+    );
+    bad.sail = sail_config(r#"{"libraries": [{}]}"#);
+    let err = rt.start(&bad).await.unwrap_err().to_string();
+    assert!(err.contains("exactly one of"), "{err}");
+    // Validation comes before any install: the valid entry before the bad one was not fetched.
+    assert!(!rt.notebook_dir(id).join("site/six.py").exists());
 }
 
 /// Creates the notebook environment from nothing, as a first `marina serve` does: downloads

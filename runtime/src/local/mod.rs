@@ -265,6 +265,37 @@ impl LocalRuntime {
         if libraries.is_empty() {
             return Ok(None);
         }
+        // All entries are checked before anything is installed.
+        for (i, lib) in libraries.iter().enumerate() {
+            let kinds = lib.pypi.is_some() as u8
+                + lib.whl.is_some() as u8
+                + lib.requirements.is_some() as u8;
+            if kinds != 1 {
+                return Err(RuntimeError::StartFailed(format!(
+                    "libraries[{i}]: must have exactly one of pypi, requirements, whl"
+                )));
+            }
+            // Each value becomes a pip argument: one starting with `-` would be read as an
+            // option. (The control plane validates this too; the runtime does not rely on it.)
+            let values = [
+                lib.pypi.as_ref().map(|p| p.package.as_str()),
+                lib.whl.as_deref(),
+                lib.requirements
+                    .as_ref()
+                    .filter(|r| r.source != "inline")
+                    .map(|r| r.uri.as_str()),
+            ];
+            if values
+                .iter()
+                .flatten()
+                .any(|v| v.trim().is_empty() || v.starts_with('-'))
+            {
+                return Err(RuntimeError::StartFailed(format!(
+                    "libraries[{i}]: a package, wheel or requirements file must be named, \
+                     and must not start with -"
+                )));
+            }
+        }
         let site = dir.site();
         let stamp_path = site.join(".marina-libraries");
         let stamp = serde_json::to_string(libraries)
