@@ -31,7 +31,7 @@ use crate::authorize::{Decision, Policy, Transport};
 use crate::body::EdgeBody;
 use crate::control::ControlClient;
 use crate::error::{respond, EdgeError, ErrorKind, ProxyError};
-use crate::forward::{rewrite_request_headers, ForwardInfo, Forwarder};
+use crate::forward::{rewrite_request_headers, Affinity, ForwardInfo, Forwarder};
 use crate::metrics::Metrics;
 use crate::route::{locate, RouteEntry, RouteTable, Target};
 use crate::ws::{self, RelayCtx, WsConfig};
@@ -307,7 +307,10 @@ impl Edge {
             };
             let _ = stream.set_nodelay(true);
             let shared = shared.clone();
-            let service = service_fn(move |req| handle(shared.clone(), peer, req));
+            // This connection's own upstream connection (see `forward::Affinity`).
+            let affinity = Arc::new(Affinity::default());
+            let service =
+                service_fn(move |req| handle(shared.clone(), peer, affinity.clone(), req));
             let builder = builder.clone();
             let watcher = graceful.watcher();
             match &acceptor {
@@ -383,6 +386,7 @@ fn now_s() -> u64 {
 async fn handle(
     shared: Arc<Shared>,
     peer: SocketAddr,
+    affinity: Arc<Affinity>,
     req: Request<Incoming>,
 ) -> Result<Response<EdgeBody>, Infallible> {
     let wants_json = !req
@@ -398,7 +402,7 @@ async fn handle(
         identity: None,
         decision: None,
     };
-    let resp = match pipeline(&shared, &mut ctx, req).await {
+    let resp = match pipeline(&shared, &mut ctx, &affinity, req).await {
         Ok(r) => r,
         Err(e) => {
             let m = shared.metrics;
@@ -430,6 +434,7 @@ fn record_activity(ctx: &RequestCtx) {
 async fn pipeline(
     shared: &Shared,
     ctx: &mut RequestCtx,
+    affinity: &Affinity,
     req: Request<Incoming>,
 ) -> Result<Response<EdgeBody>, EdgeError> {
     // Phase 1: route.
@@ -566,7 +571,13 @@ async fn pipeline(
     );
     let guard = (decision.transport == Transport::EventStream)
         .then(|| route.activity.open_stream(&shared.metrics.streams_open));
-    shared.forwarder.forward(&route, parts, body, guard).await
+    // HTTP/1 browser connections carry one request at a time: they get their own upstream
+    // connection. HTTP/2 ones multiplex and use the shared pool.
+    let affinity = (parts.version <= http::Version::HTTP_11).then_some(affinity);
+    shared
+        .forwarder
+        .forward(&route, parts, body, guard, affinity)
+        .await
 }
 
 fn redirect(status: StatusCode, location: &str) -> Result<Response<EdgeBody>, EdgeError> {

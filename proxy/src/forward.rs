@@ -7,10 +7,12 @@
 //! without collecting them. Errors: the upstream refused the connection or did not answer in
 //! time (502 "notebook not responding").
 //!
-//! Upstream connections come from hyper's pool, keyed by scheme and `host:port`. A Marimo
-//! server's address is unique to it while it runs, and every request carries that notebook's
-//! own Marimo token, so a pooled connection is never used for another notebook's credentials;
-//! when a notebook restarts on the same address, the old connections fail and are replaced.
+//! Upstream connections: each HTTP/1.1 browser connection has its own ([`Affinity`]), so the hot
+//! path shares no pool (and no pool lock) across connections. HTTP/2 browser connections use
+//! hyper's pool, keyed by scheme and `host:port`: a Marimo server's address is its own while it
+//! runs and every request carries that notebook's own Marimo token, so a pooled connection never
+//! serves another notebook's credentials; after a restart on the same address the old
+//! connections fail and are replaced.
 
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
@@ -18,9 +20,11 @@ use std::time::{Duration, Instant};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Uri, Version};
 use hyper::body::Incoming;
+use hyper::client::conn::http1;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
 
 use crate::activity::StreamGuard;
 use crate::body::EdgeBody;
@@ -194,7 +198,9 @@ pub fn rewrite_response_headers(headers: &mut HeaderMap, csp: &HeaderValue) {
 
 /// The HTTP forwarder: a pooled keep-alive client to every upstream.
 pub struct Forwarder {
+    /// The shared pool, for HTTP/2 browser connections (many concurrent requests each).
     client: Client<HttpConnector, Incoming>,
+    connect_timeout: Duration,
     response_timeout: Duration,
     pub csp: HeaderValue,
     metrics: &'static Metrics,
@@ -221,6 +227,7 @@ impl Forwarder {
             .build(http);
         Forwarder {
             client,
+            connect_timeout,
             response_timeout,
             csp,
             metrics,
@@ -228,37 +235,58 @@ impl Forwarder {
     }
 
     /// Sends the (already rewritten) request upstream and streams the answer back.
+    ///
+    /// `affinity` is the browser connection's own upstream connection slot (HTTP/1.1 browser
+    /// connections); without it (HTTP/2) the shared pool is used.
     pub async fn forward(
         &self,
         route: &RouteEntry,
         mut parts: http::request::Parts,
         body: Incoming,
         guard: Option<StreamGuard>,
+        affinity: Option<&Affinity>,
     ) -> Result<Response<EdgeBody>, EdgeError> {
         let pq = parts
             .uri
             .path_and_query()
             .cloned()
             .ok_or_else(|| EdgeError::new(ErrorKind::BadRequest, "no path"))?;
-        parts.uri = Uri::builder()
-            .scheme("http")
-            .authority(route.upstream.clone())
-            .path_and_query(pq)
-            .build()
-            .map_err(|e| EdgeError::new(ErrorKind::BadRequest, "upstream uri").with_cause(e))?;
         parts.version = Version::HTTP_11;
-        let req = Request::from_parts(parts, body);
         let started = Instant::now();
-        let resp = match tokio::time::timeout(self.response_timeout, self.client.request(req)).await
-        {
-            Err(_) => return Err(EdgeError::new(ErrorKind::UpstreamTimeout, "response head")),
-            Ok(Err(e)) if e.is_connect() => {
-                return Err(EdgeError::new(ErrorKind::UpstreamConnect, "connect").with_cause(e))
+        let resp = match affinity {
+            Some(a) => {
+                // An HTTP/1 client connection takes the origin form.
+                parts.uri = Uri::from(pq);
+                self.send_affine(a, route, Request::from_parts(parts, body))
+                    .await?
             }
-            Ok(Err(e)) => {
-                return Err(EdgeError::new(ErrorKind::UpstreamProtocol, "request").with_cause(e))
+            None => {
+                parts.uri = Uri::builder()
+                    .scheme("http")
+                    .authority(route.upstream.clone())
+                    .path_and_query(pq)
+                    .build()
+                    .map_err(|e| {
+                        EdgeError::new(ErrorKind::BadRequest, "upstream uri").with_cause(e)
+                    })?;
+                let req = Request::from_parts(parts, body);
+                match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
+                    Err(_) => {
+                        return Err(EdgeError::new(ErrorKind::UpstreamTimeout, "response head"))
+                    }
+                    Ok(Err(e)) if e.is_connect() => {
+                        return Err(
+                            EdgeError::new(ErrorKind::UpstreamConnect, "connect").with_cause(e)
+                        )
+                    }
+                    Ok(Err(e)) => {
+                        return Err(
+                            EdgeError::new(ErrorKind::UpstreamProtocol, "request").with_cause(e)
+                        )
+                    }
+                    Ok(Ok(r)) => r,
+                }
             }
-            Ok(Ok(r)) => r,
         };
         self.metrics
             .upstream_latency
@@ -276,6 +304,131 @@ impl Forwarder {
             metrics: self.metrics,
         };
         Ok(Response::from_parts(parts, body))
+    }
+}
+
+/// The upstream connection of ONE browser connection (HTTP/1.1), so the hot path needs no
+/// connection pool shared across connections (and no pool lock).
+///
+/// An HTTP/1.1 browser connection sends its next request only after the previous response was
+/// written completely, so the upstream connection is always free again by then: one slot is
+/// enough. The slot is keyed by notebook, session (run) and address, so a connection is never
+/// reused for another notebook or for a restarted one that got the same port. The mutex is
+/// per browser connection and uncontended (requests on it are sequential); it is never held
+/// across an `.await`.
+#[derive(Default)]
+pub struct Affinity {
+    slot: std::sync::Mutex<Option<(AffinityKey, http1::SendRequest<Incoming>)>>,
+}
+
+#[derive(Clone, PartialEq, Eq)]
+struct AffinityKey {
+    notebook: marina_config::Id,
+    session: marina_config::Id,
+    upstream: http::uri::Authority,
+}
+
+impl AffinityKey {
+    fn of(route: &RouteEntry) -> AffinityKey {
+        AffinityKey {
+            notebook: route.route.notebook_id,
+            session: route.route.session_id,
+            upstream: route.upstream.clone(),
+        }
+    }
+}
+
+impl Affinity {
+    fn take(&self, key: &AffinityKey) -> Option<http1::SendRequest<Incoming>> {
+        let mut slot = self.slot.lock().ok()?;
+        match slot.take() {
+            Some((k, s)) if k == *key && !s.is_closed() => Some(s),
+            _ => None,
+        }
+    }
+
+    fn put(&self, key: AffinityKey, sender: http1::SendRequest<Incoming>) {
+        if let Ok(mut slot) = self.slot.lock() {
+            *slot = Some((key, sender));
+        }
+    }
+}
+
+impl Forwarder {
+    async fn send_affine(
+        &self,
+        affinity: &Affinity,
+        route: &RouteEntry,
+        req: Request<Incoming>,
+    ) -> Result<Response<Incoming>, EdgeError> {
+        let key = AffinityKey::of(route);
+        let mut sender = match affinity.take(&key) {
+            Some(s) => s,
+            None => self.connect(route).await?,
+        };
+        // Ready at once unless the upstream closed the idle connection meanwhile.
+        if sender.ready().await.is_err() {
+            sender = self.connect(route).await?;
+            sender.ready().await.map_err(|e| {
+                EdgeError::new(ErrorKind::UpstreamConnect, "upstream connection").with_cause(e)
+            })?;
+        }
+        let response = sender.try_send_request(req);
+        affinity.put(key.clone(), sender);
+        let mut err = match tokio::time::timeout(self.response_timeout, response).await {
+            Err(_) => return Err(EdgeError::new(ErrorKind::UpstreamTimeout, "response head")),
+            Ok(Ok(r)) => return Ok(r),
+            Ok(Err(e)) => e,
+        };
+        // The upstream closed the idle connection just as the request went out (Marimo's
+        // server drops keep-alive connections after a few seconds). The request was not written,
+        // so it can be sent again, once, on a fresh connection.
+        let Some(req) = err.take_message() else {
+            return Err(
+                EdgeError::new(ErrorKind::UpstreamProtocol, "request").with_cause(err.into_error())
+            );
+        };
+        let mut fresh = self.connect(route).await?;
+        fresh.ready().await.map_err(|e| {
+            EdgeError::new(ErrorKind::UpstreamConnect, "upstream connection").with_cause(e)
+        })?;
+        let response = fresh.send_request(req);
+        affinity.put(key, fresh);
+        match tokio::time::timeout(self.response_timeout, response).await {
+            Err(_) => Err(EdgeError::new(ErrorKind::UpstreamTimeout, "response head")),
+            Ok(Err(e)) => Err(EdgeError::new(ErrorKind::UpstreamProtocol, "request").with_cause(e)),
+            Ok(Ok(r)) => Ok(r),
+        }
+    }
+
+    async fn connect(&self, route: &RouteEntry) -> Result<http1::SendRequest<Incoming>, EdgeError> {
+        let stream = match tokio::time::timeout(
+            self.connect_timeout,
+            TcpStream::connect(route.upstream.as_str()),
+        )
+        .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                return Err(EdgeError::new(ErrorKind::UpstreamConnect, "connect").with_cause(e))
+            }
+            Err(_) => {
+                return Err(EdgeError::new(
+                    ErrorKind::UpstreamConnect,
+                    "connect timeout",
+                ))
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = http1::handshake(TokioIo::new(stream)).await.map_err(|e| {
+            EdgeError::new(ErrorKind::UpstreamConnect, "upstream handshake").with_cause(e)
+        })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream connection ended");
+            }
+        });
+        Ok(sender)
     }
 }
 

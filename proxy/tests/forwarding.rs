@@ -971,3 +971,51 @@ async fn unreachable_or_silent_upstream_gives_a_clear_502() {
     }
     edge.stop().await;
 }
+
+#[tokio::test]
+async fn each_browser_connection_keeps_its_own_upstream_connection() {
+    let keys = Keys::generate();
+    let up = FakeUpstream::start().await;
+    let r = route(NB, "SESSION001", up.addr, id(OWNER), &[]);
+    let edge = TestEdge::start(&keys, std::slice::from_ref(&r), EdgeOptions::default()).await;
+    let cookie = login(&edge, &keys, &r, id(OWNER), AccessMode::Edit).await;
+    let conns = || up.connections.load(std::sync::atomic::Ordering::SeqCst);
+    // One keep-alive browser connection: one upstream connection for all its requests.
+    let browser = reqwest::Client::builder()
+        .pool_max_idle_per_host(1)
+        .build()
+        .unwrap();
+    let get = |path: &'static str| {
+        let req = browser
+            .get(edge.url(&format!("/notebooks/{NB}{path}")))
+            .header("cookie", cookie.clone());
+        async move { req.send().await.unwrap() }
+    };
+    for _ in 0..5 {
+        let r = get("/api/version").await;
+        assert_eq!(r.status(), 200);
+        r.text().await.unwrap();
+    }
+    assert_eq!(
+        conns(),
+        1,
+        "requests of one browser connection share one upstream connection"
+    );
+    // The upstream closes it: the next request opens a new one instead of failing.
+    let r = get("/close").await;
+    assert_eq!(r.status(), 200);
+    r.text().await.unwrap();
+    let r = get("/api/version").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(conns(), 2);
+    // Another browser connection gets its own.
+    let r = client()
+        .get(edge.url(&format!("/notebooks/{NB}/api/version")))
+        .header("cookie", cookie.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(conns(), 3);
+    edge.stop().await;
+}

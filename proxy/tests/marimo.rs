@@ -315,6 +315,21 @@ async fn owner_edits_viewer_mirrors_and_no_credential_reaches_the_kernel() {
         assert!(!seen.contains(secret), "kernel saw {secret:?}: {seen}");
     }
 
+    // Marimo's server drops idle keep-alive connections after 5 s: a browser connection that
+    // was quiet longer still works (the edge reconnects upstream instead of failing).
+    let browser = reqwest::Client::new();
+    for wait in [0, 6] {
+        tokio::time::sleep(Duration::from_secs(wait)).await;
+        let r = browser
+            .get(w.edge.url(&format!("/notebooks/{NB}/api/version")))
+            .header("cookie", owner.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "after {wait} s idle");
+        r.text().await.unwrap();
+    }
+
     // Marimo's token endpoint is refused for the owner too.
     let r = client()
         .get(w.edge.url(&format!("/notebooks/{NB}/auth/token")))

@@ -340,6 +340,8 @@ pub struct Seen {
 pub struct FakeUpstream {
     pub addr: SocketAddr,
     pub seen: Arc<Mutex<Vec<Seen>>>,
+    /// TCP connections accepted so far.
+    pub connections: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl FakeUpstream {
@@ -348,11 +350,14 @@ impl FakeUpstream {
         let addr = l.local_addr().unwrap();
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
         let s2 = seen.clone();
+        let connections: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
+        let c2 = connections.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = l.accept().await else {
                     return;
                 };
+                c2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let seen = s2.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
@@ -372,7 +377,11 @@ impl FakeUpstream {
                 });
             }
         });
-        FakeUpstream { addr, seen }
+        FakeUpstream {
+            addr,
+            seen,
+            connections,
+        }
     }
 
     pub fn paths(&self) -> Vec<String> {
@@ -404,14 +413,19 @@ async fn fake_answer(req: Request<Incoming>) -> Response<FakeBody> {
             .body(BodyExt::boxed(http_body_util::StreamBody::new(stream)))
             .unwrap();
     }
+    // `/close`: answer, then close the connection (as a server timing out keep-alive would).
+    let close = req.uri().path().ends_with("/close");
     let body = req
         .into_body()
         .collect()
         .await
         .map(|b| b.to_bytes())
         .unwrap_or_default();
-    Response::builder()
-        .header("set-cookie", "session_2718=marimo-credential; HttpOnly")
+    let mut resp = Response::builder();
+    if close {
+        resp = resp.header("connection", "close");
+    }
+    resp.header("set-cookie", "session_2718=marimo-credential; HttpOnly")
         .header("access-control-allow-origin", "*")
         .header("content-type", "text/plain")
         .body(BodyExt::boxed(Full::new(Bytes::from(format!(
