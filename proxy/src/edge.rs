@@ -412,7 +412,14 @@ async fn handle(
             } else {
                 tracing::debug!(reason = e.kind.reason(), error = %e, "request refused");
             }
-            respond(&e, ctx.wants_json)
+            let mut resp = respond(&e, ctx.wants_json);
+            // Error pages are framed by the host application too: only the allowed origins
+            // may embed them, like every other response of a notebook's origin.
+            resp.headers_mut().insert(
+                header::CONTENT_SECURITY_POLICY,
+                shared.forwarder.csp.clone(),
+            );
+            resp
         }
     };
     record_activity(&ctx);

@@ -38,6 +38,12 @@ async fn expect_fail(w: &World, token: &str, status: u16, reason: &str) {
     let resp = handshake(&w.edge, id(NB), token).await;
     assert_eq!(resp.status(), status, "{reason}");
     assert!(resp.headers().get("set-cookie").is_none(), "{reason}");
+    let csp = resp.headers().get("content-security-policy");
+    assert!(
+        csp.and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("frame-ancestors")),
+        "{reason}: error pages may be framed only by the host application"
+    );
     let body = resp.text().await.unwrap();
     assert!(body.contains("<html"), "{reason}: an HTML page");
     assert!(!body.contains(token), "{reason}: never echo the token");
