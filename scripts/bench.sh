@@ -399,6 +399,11 @@ per connection); 2,000 idle proxied WebSockets held, resident memory (`VmRSS`) g
 proxy process per connection (nginx: its one worker). Latencies are closed-loop (each connection
 waits for its answer), measured from writing the request to reading the whole response.
 
+Run it with `scripts/bench.sh` (options: `--targets`, `--rounds`, `--duration`; see its header).
+Raw results of the latest run: `benches/results/latest.jsonl`.
+
+## Latest run
+
 EOF
   "$LOAD" report --results "$RESULTS" --out "$ROOT/BENCHMARKS.md" \
     --meta "taken=$STARTED_AT – $FINISHED_AT by scripts/bench.sh (rounds $ROUNDS, ${DURATION} s measured after ${WARMUP} s warm-up per scenario)" \
