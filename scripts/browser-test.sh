@@ -20,7 +20,11 @@ if [ ! -x /usr/bin/chromium ]; then
 fi
 (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
 scripts/setup-python.sh "$root/.venv"
-cargo build --bin marina
+# scripts/test.sh has just built target/debug/marina with `cargo test` (whose feature set differs
+# from a plain `cargo build`): reuse it instead of rebuilding the dependency tree.
+if [ -z "${BROWSER_TEST_PREBUILT:-}" ] || [ ! -x target/debug/marina ]; then
+  cargo build --bin marina
+fi
 
 data=$(mktemp -d /tmp/marina-browser-test.XXXXXX)
 mkdir -p "$artifacts"

@@ -39,6 +39,6 @@ cargo test --workspace --no-fail-fast
 
 if [ -x scripts/browser-test.sh ]; then
   step "browser tests (headless Chromium)"
-  scripts/browser-test.sh
+  BROWSER_TEST_PREBUILT=1 scripts/browser-test.sh
 fi
 step "all tests passed"
