@@ -22,7 +22,6 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
-use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 #[derive(Parser, Debug)]
@@ -140,15 +139,12 @@ fn websocket(mut req: Request<Incoming>) -> Response<Full<Bytes>> {
         let mut ws =
             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
         while let Some(Ok(msg)) = ws.next().await {
-            match msg {
-                Message::Text(_) | Message::Binary(_) => {
-                    if ws.send(msg).await.is_err() {
-                        break;
-                    }
-                }
-                Message::Close(_) => break,
-                // Pings are answered by tungstenite on the next read/flush.
-                _ => {}
+            if msg.is_close() {
+                break;
+            }
+            // Pings are answered by tungstenite on the next read/flush; data is echoed.
+            if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                break;
             }
         }
     });
