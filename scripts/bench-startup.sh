@@ -18,6 +18,7 @@ pid=
 stop() { [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true; pid=; }
 trap 'stop; rm -rf "$data"' EXIT
 
+# Starts the server and sets `ready` to the seconds it took (no subshell: `pid` must survive).
 serve() {
   MARINA_PROXY__ADMIN_LISTEN=127.0.0.1:$aport target/release/marina serve --data-dir "$data" \
     --control-listen 127.0.0.1:$cport --proxy-listen 127.0.0.1:$eport >"$data/serve-$1.log" 2>&1 &
@@ -27,12 +28,12 @@ serve() {
     kill -0 "$pid" 2>/dev/null || { cat "$data/serve-$1.log"; exit 1; }
     sleep 0.05
   done
-  since "$t0"
+  ready=$(since "$t0")
 }
 
-first=$(serve first)
+serve first; first=$ready
 stop
-second=$(serve second)
+serve second; second=$ready
 key=$(cat "$data/admin-api-key")
 H=(-H "Authorization: Bearer $key" -H "Content-Type: application/json")
 cfg=$(curl -fsS "${H[@]}" $api/workloads/configs -d '{"name":"bench","config":{"sail":{}}}' | python3 -c 'import sys,json;print(json.load(sys.stdin)["id"])')
