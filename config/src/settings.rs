@@ -585,6 +585,8 @@ mod tests {
     }
 
     #[test]
+    // figment::Jail dictates the closure's error type.
+    #[allow(clippy::result_large_err)]
     fn real_environment_variables_use_double_underscore() {
         figment::Jail::expect_with(|jail| {
             jail.set_env("MARINA_PROXY__COOKIE__SAME_SITE", "lax");
@@ -597,6 +599,8 @@ mod tests {
     }
 
     #[test]
+    // figment::Jail dictates the closure's error type.
+    #[allow(clippy::result_large_err)]
     fn bad_env_value_names_key_and_source() {
         figment::Jail::expect_with(|jail| {
             jail.set_env("MARINA_PROXY__LISTEN", "not-an-address");
