@@ -247,9 +247,22 @@ async fn a_notebook_runs_spark_through_the_edge_and_viewers_only_mirror_it() {
     let (viewer, _) = redeem(&m.http, open["url"].as_str().unwrap())
         .await
         .expect("viewer handshake");
+    // The page first sends a viewer to its kiosk view, where Marimo's UI starts read-only.
     let page = m
         .http
         .get(&viewer.base)
+        .header("cookie", &viewer.cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 302);
+    assert_eq!(
+        page.headers()["location"],
+        format!("/notebooks/{nb}/?kiosk=true")
+    );
+    let page = m
+        .http
+        .get(format!("{}?kiosk=true", viewer.base))
         .header("cookie", &viewer.cookie)
         .send()
         .await

@@ -146,6 +146,11 @@ pub struct Decision {
     pub transport: Transport,
     /// Counts as activity for the notebook.
     pub activity: bool,
+    /// A viewer asked for the notebook page without `kiosk=true`: send the browser to the same
+    /// page with it, so Marimo's UI starts as a read-only mirror (no "Take over" button that
+    /// the edge would refuse anyway). The page's query is what the UI copies into its
+    /// WebSocket URL, where the edge forces `kiosk=true` regardless.
+    pub kiosk_redirect: bool,
 }
 
 /// The policy knobs from configuration.
@@ -241,6 +246,7 @@ impl Policy {
             _ => Transport::None,
         };
         let force_kiosk = viewer && kind == Stream;
+        let at_root = rel == "/";
         if let Some(q) = uri.query() {
             if let Some(new_q) = rewrite_query(q, force_kiosk, |sid| {
                 keys.bind_session_id(id.member, id.notebook, sid)
@@ -250,9 +256,17 @@ impl Policy {
         } else if force_kiosk {
             *uri = rebuild(uri.path(), Some("kiosk=true"))?;
         }
+        let kiosk_redirect = viewer
+            && kind == Read
+            && *method == Method::GET
+            && at_root
+            && !uri
+                .query()
+                .is_some_and(|q| q.split('&').any(|p| p == "kiosk=true"));
         Ok(Decision {
             transport,
             activity,
+            kiosk_redirect,
         })
     }
 }
@@ -674,6 +688,23 @@ mod tests {
             .authorize(&keys(), &ident(AccessMode::Edit), &mut p, 0, false)
             .unwrap_err();
         assert_eq!(e.kind, ErrorKind::DeniedSessionId);
+    }
+
+    #[test]
+    fn a_viewer_opening_the_page_is_sent_to_the_kiosk_view() {
+        let redirect = |mode, method, path| {
+            check(STRICT, mode, method, path, false)
+                .unwrap()
+                .2
+                .kiosk_redirect
+        };
+        assert!(redirect(AccessMode::View, "GET", "/"));
+        assert!(redirect(AccessMode::View, "GET", "/?foo=1"));
+        assert!(!redirect(AccessMode::View, "GET", "/?kiosk=true"));
+        assert!(!redirect(AccessMode::View, "GET", "/?foo=1&kiosk=true"));
+        assert!(!redirect(AccessMode::View, "GET", "/assets/index.js"));
+        assert!(!redirect(AccessMode::View, "HEAD", "/"));
+        assert!(!redirect(AccessMode::Edit, "GET", "/"));
     }
 
     #[test]

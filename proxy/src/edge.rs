@@ -511,6 +511,13 @@ async fn pipeline(
         upgrade,
     )?;
     ctx.decision = Some(decision);
+    if decision.kiosk_redirect {
+        let location = match parts.uri.query() {
+            Some(q) if !q.is_empty() => format!("{}?{q}&kiosk=true", parts.uri.path()),
+            _ => format!("{}?kiosk=true", parts.uri.path()),
+        };
+        return redirect(StatusCode::FOUND, &location);
+    }
 
     // Phase 4: forward.
     let n = shared.request_ids.fetch_add(1, Ordering::Relaxed);

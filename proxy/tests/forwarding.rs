@@ -173,9 +173,21 @@ async fn viewer_policy_end_to_end_and_upstream_never_sees_denials() {
         .render()
         .contains("marina_edge_denials_total{reason=\"read_only\"}"));
 
-    // Allowed: the page, and the viewer's event stream gets kiosk forced; SSE is not buffered.
+    // Allowed: the page (first sent to its kiosk view, so Marimo's UI starts read-only), and
+    // the viewer's event stream gets kiosk forced; SSE is not buffered.
     let resp = client()
         .get(edge.url("/notebooks/NOTEBOOK01/"))
+        .header("cookie", viewer.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 302);
+    assert_eq!(
+        resp.headers()["location"],
+        "/notebooks/NOTEBOOK01/?kiosk=true"
+    );
+    let resp = client()
+        .get(edge.url("/notebooks/NOTEBOOK01/?kiosk=true"))
         .header("cookie", viewer.clone())
         .send()
         .await

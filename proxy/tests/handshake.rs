@@ -381,8 +381,9 @@ async fn control_store_down_fails_closed() {
 #[tokio::test]
 async fn cookie_failures() {
     let w = world().await;
+    // `?kiosk=true`: a viewer's plain page request is first redirected there.
     let page = |cookie: Option<String>| {
-        let url = w.edge.url("/notebooks/NOTEBOOK01/");
+        let url = w.edge.url("/notebooks/NOTEBOOK01/?kiosk=true");
         async move {
             let mut req = client().get(url).header("accept", "text/html");
             if let Some(c) = cookie {

@@ -135,10 +135,11 @@ async fn world() -> World {
     }
 }
 
-/// Loads the page through the edge and returns Marimo's skew token from it.
+/// Loads the page through the edge and returns Marimo's skew token from it. (`?kiosk=true`:
+/// where a viewer's plain page request is redirected.)
 async fn page_token(w: &World, cookie: &str) -> String {
     let r = client()
-        .get(w.edge.url(&format!("/notebooks/{NB}/")))
+        .get(w.edge.url(&format!("/notebooks/{NB}/?kiosk=true")))
         .header("cookie", cookie)
         .header("accept", "text/html")
         .send()
