@@ -123,7 +123,16 @@ fn main() -> std::process::ExitCode {
 
 fn run() -> Result<()> {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // One scheduler thread per CPU this process may run on. With a single CPU (a pinned edge
+    // replica, a one-core container) the single-threaded scheduler does the same work without
+    // the work-stealing machinery a multi-threaded one pays for on every wake-up.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut builder = if cpus == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    let runtime = builder
         .enable_all()
         .build()
         .context("starting the async runtime")?;
