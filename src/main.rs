@@ -21,6 +21,12 @@ use marina_runtime::Runtime;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+/// mimalloc rather than glibc's malloc: the edge allocates and frees small buffers on every
+/// request, and glibc's allocator (with its `malloc_consolidate` passes) took 6-7 % of the
+/// edge's CPU in the benchmark profile (BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "marina",

@@ -31,7 +31,7 @@ use crate::authorize::{Decision, Policy, Transport};
 use crate::body::EdgeBody;
 use crate::control::ControlClient;
 use crate::error::{respond, EdgeError, ErrorKind, ProxyError};
-use crate::forward::{rewrite_request_headers, Affinity, ForwardInfo, Forwarder};
+use crate::forward::{rewrite_request_headers, Affinity, ForwardInfo, Forwarder, RequestId};
 use crate::metrics::Metrics;
 use crate::route::{locate, RouteEntry, RouteTable, Target};
 use crate::ws::{self, RelayCtx, WsConfig};
@@ -441,7 +441,7 @@ fn record_activity(ctx: &RequestCtx) {
 async fn pipeline(
     shared: &Shared,
     ctx: &mut RequestCtx,
-    affinity: &Affinity,
+    affinity: &Arc<Affinity>,
     req: Request<Incoming>,
 ) -> Result<Response<EdgeBody>, EdgeError> {
     // Phase 1: route.
@@ -520,9 +520,10 @@ async fn pipeline(
     }
 
     // Phase 4: forward.
-    let n = shared.request_ids.fetch_add(1, Ordering::Relaxed);
-    let request_id = HeaderValue::try_from(format!("{:08x}-{n:x}", shared.request_id_prefix))
-        .map_err(|_| EdgeError::new(ErrorKind::Internal, "request id"))?;
+    let request_id = RequestId {
+        prefix: shared.request_id_prefix,
+        n: shared.request_ids.fetch_add(1, Ordering::Relaxed),
+    };
     let host = match parts.headers.get(header::HOST) {
         Some(h) => Some(h.clone()),
         None => parts
@@ -572,25 +573,20 @@ async fn pipeline(
         );
         return Ok(resp);
     }
-    rewrite_request_headers(
-        &mut parts.headers,
-        &names,
-        &route,
-        ForwardInfo {
-            peer: ctx.peer.ip(),
-            proto: shared.proto,
-            host: host.as_ref(),
-            request_id,
-        },
-    );
     let guard = (decision.transport == Transport::EventStream)
         .then(|| route.activity.open_stream(&shared.metrics.streams_open));
     // HTTP/1 browser connections carry one request at a time: they get their own upstream
     // connection. HTTP/2 ones multiplex and use the shared pool.
     let affinity = (parts.version <= http::Version::HTTP_11).then_some(affinity);
+    let info = ForwardInfo {
+        peer: ctx.peer.ip(),
+        proto: shared.proto,
+        host: host.as_ref(),
+        request_id,
+    };
     shared
         .forwarder
-        .forward(&route, parts, body, guard, affinity)
+        .forward(&route, parts, body, guard, affinity, &names, info)
         .await
 }
 

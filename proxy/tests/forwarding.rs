@@ -1031,3 +1031,291 @@ async fn each_browser_connection_keeps_its_own_upstream_connection() {
     assert_eq!(conns(), 3);
     edge.stop().await;
 }
+
+/// A raw HTTP/1.1 upstream that answers with hand-written framings, to check the edge's own
+/// HTTP/1.1 client: what it saw (method, path, decoded body) is recorded.
+/// (method, path, request body) of each request.
+type RawSeen = Arc<Mutex<Vec<(String, String, Vec<u8>)>>>;
+
+struct RawUpstream {
+    addr: SocketAddr,
+    seen: RawSeen,
+    connections: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+async fn raw_upstream() -> RawUpstream {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let seen: RawSeen = Arc::default();
+    let connections: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
+    let (s2, c2) = (seen.clone(), connections.clone());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            c2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let seen = s2.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    // Read one request head.
+                    let (method, path, len, chunked, head_len) = loop {
+                        let mut hs = [httparse::EMPTY_HEADER; 64];
+                        let mut r = httparse::Request::new(&mut hs);
+                        if let Ok(httparse::Status::Complete(n)) = r.parse(&buf) {
+                            let h = |name: &str| {
+                                r.headers
+                                    .iter()
+                                    .find(|h| h.name.eq_ignore_ascii_case(name))
+                                    .map(|h| String::from_utf8_lossy(h.value).to_string())
+                            };
+                            let len: usize =
+                                h("content-length").map(|v| v.parse().unwrap()).unwrap_or(0);
+                            let chunked = h("transfer-encoding").is_some();
+                            break (
+                                r.method.unwrap().to_owned(),
+                                r.path.unwrap().to_owned(),
+                                len,
+                                chunked,
+                                n,
+                            );
+                        }
+                        let mut chunk = [0u8; 4096];
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    buf.drain(..head_len);
+                    // Its body: by length, or chunked up to the last chunk (decoded naively).
+                    let body = loop {
+                        if chunked {
+                            if let Some(end) = buf.windows(5).position(|w| w == b"0\r\n\r\n") {
+                                let raw: Vec<u8> = buf.drain(..end + 5).collect();
+                                let mut out = Vec::new();
+                                let mut rest = &raw[..];
+                                loop {
+                                    let nl = rest.windows(2).position(|w| w == b"\r\n").unwrap();
+                                    let size = usize::from_str_radix(
+                                        std::str::from_utf8(&rest[..nl]).unwrap(),
+                                        16,
+                                    )
+                                    .unwrap();
+                                    if size == 0 {
+                                        break;
+                                    }
+                                    out.extend_from_slice(&rest[nl + 2..nl + 2 + size]);
+                                    rest = &rest[nl + 4 + size..];
+                                }
+                                break out;
+                            }
+                        } else if buf.len() >= len {
+                            break buf.drain(..len).collect();
+                        }
+                        let mut chunk = [0u8; 4096];
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    seen.lock()
+                        .unwrap()
+                        .push((method.clone(), path.clone(), body.clone()));
+                    let last = path.rsplit('/').next().unwrap_or("").to_owned();
+
+                    match last.as_str() {
+                        "chunked" => {
+                            let _ = s.write_all(b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n").await;
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            let _ = s
+                                .write_all(b"6;ext=1\r\n world\r\n0\r\nx-trailer: 1\r\n\r\n")
+                                .await;
+                        }
+                        "sse" => {
+                            let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n9\r\ndata: 0\n\n\r\n").await;
+                            tokio::time::sleep(Duration::from_millis(600)).await;
+                            let _ = s.write_all(b"9\r\ndata: 1\n\n\r\n0\r\n\r\n").await;
+                        }
+                        "until-close" => {
+                            let _ = s
+                                .write_all(b"HTTP/1.1 200 OK\r\n\r\nbody until close")
+                                .await;
+                            return;
+                        }
+                        "big" => {
+                            let n = 3 * 1024 * 1024 + 7;
+                            let mut resp =
+                                format!("HTTP/1.1 200 OK\r\ncontent-length: {n}\r\n\r\n")
+                                    .into_bytes();
+                            resp.extend((0..n).map(|i| (i % 251) as u8));
+                            let _ = s.write_all(&resp).await;
+                        }
+                        "overlong" => {
+                            // Says 5, sends 10: the extra bytes must not become the next answer.
+                            let _ = s
+                                .write_all(
+                                    b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfirstSTALE",
+                                )
+                                .await;
+                        }
+                        "bad" => {
+                            let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\nx").await;
+                        }
+                        _ => {
+                            let body = format!("{method} {} bytes", body.len());
+                            let resp = format!(
+                                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nx-seen: 1\r\n\r\n{}",
+                                if method == "HEAD" { 99 } else { body.len() },
+                                if method == "HEAD" { "" } else { body.as_str() }
+                            );
+                            let _ = s.write_all(&resp.into_bytes()).await;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    RawUpstream {
+        addr,
+        seen,
+        connections,
+    }
+}
+
+#[tokio::test]
+async fn upstream_framings_stream_through_the_edge() {
+    let keys = Keys::generate();
+    let up = raw_upstream().await;
+    let r = route(NB, "SESSION001", up.addr, id(OWNER), &[]);
+    let edge = TestEdge::start(&keys, std::slice::from_ref(&r), EdgeOptions::default()).await;
+    let cookie = login(&edge, &keys, &r, id(OWNER), AccessMode::Edit).await;
+    let conns = || up.connections.load(std::sync::atomic::Ordering::SeqCst);
+    let browser = reqwest::Client::builder()
+        .pool_max_idle_per_host(1)
+        .build()
+        .unwrap();
+    let url = |p: &str| edge.url(&format!("/notebooks/{NB}/{p}"));
+
+    // Chunked, with an interim 103 and a trailer, arriving in two pieces.
+    let resp = browser
+        .get(url("chunked"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.unwrap(), "hello world");
+    // Request bodies: by length and chunked (a streamed body has no length).
+    let resp = browser
+        .post(url("echo"))
+        .header("cookie", &cookie)
+        .body("0123456789")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.text().await.unwrap(), "POST 10 bytes");
+    let parts: Vec<Result<bytes::Bytes, std::io::Error>> =
+        vec![Ok("abc".into()), Ok("".into()), Ok("defgh".into())];
+    let resp = browser
+        .put(url("echo"))
+        .header("cookie", &cookie)
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            parts,
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.text().await.unwrap(), "PUT 8 bytes");
+    // HEAD: the length of the GET, no body.
+    let resp = browser
+        .head(url("echo"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-length"], "99");
+    assert_eq!(resp.bytes().await.unwrap().len(), 0);
+    // Several MiB by length, intact.
+    let big = browser
+        .get(url("big"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    let big = big.bytes().await.unwrap();
+    assert_eq!(big.len(), 3 * 1024 * 1024 + 7);
+    assert!(big.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8));
+    assert_eq!(conns(), 1, "all of it on one upstream connection");
+    {
+        let seen = up.seen.lock().unwrap();
+        let bodies: Vec<_> = seen
+            .iter()
+            .map(|(m, _, b)| (m.as_str(), b.clone()))
+            .collect();
+        assert!(bodies.contains(&("POST", b"0123456789".to_vec())));
+        assert!(bodies.contains(&("PUT", b"abcdefgh".to_vec())));
+    }
+
+    // An event stream: the first event arrives before the upstream sends the second.
+    let started = Instant::now();
+    let mut sse = browser
+        .get(url("sse"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    let first = sse.chunk().await.unwrap().unwrap();
+    assert_eq!(&first[..], b"data: 0\n\n");
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "streamed, not buffered"
+    );
+    let second = sse.chunk().await.unwrap().unwrap();
+    assert_eq!(&second[..], b"data: 1\n\n");
+    assert!(sse.chunk().await.unwrap().is_none());
+
+    // A body that ends with the connection: delivered, and that connection is not reused.
+    let before = conns();
+    let resp = browser
+        .get(url("until-close"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.text().await.unwrap(), "body until close");
+    let resp = browser
+        .get(url("echo"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.text().await.unwrap(), "GET 0 bytes");
+    assert_eq!(conns(), before + 1);
+
+    // More bytes than announced: the browser gets the announced ones, and the rest never
+    // becomes the answer to the next request (the connection is dropped).
+    let resp = browser
+        .get(url("overlong"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.text().await.unwrap(), "first");
+    let resp = browser
+        .get(url("echo"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.text().await.unwrap(), "GET 0 bytes");
+    assert_eq!(conns(), before + 2);
+
+    // Conflicting lengths: a clear 502, not a guess.
+    let resp = browser
+        .get(url("bad"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 502);
+    edge.stop().await;
+}

@@ -7,24 +7,35 @@
 //! without collecting them. Errors: the upstream refused the connection or did not answer in
 //! time (502 "notebook not responding").
 //!
-//! Upstream connections: each HTTP/1.1 browser connection has its own ([`Affinity`]), so the hot
-//! path shares no pool (and no pool lock) across connections. HTTP/2 browser connections use
+//! Upstream connections: each HTTP/1.1 browser connection has its own ([`Affinity`]), driven
+//! in the browser connection's own task by [`h1`], so the hot path shares no pool (and no pool
+//! lock) across connections and hands nothing to another task. HTTP/2 browser connections use
 //! hyper's pool, keyed by scheme and `host:port`: a Marimo server's address is its own while it
 //! runs and every request carries that notebook's own Marimo token, so a pooled connection never
 //! serves another notebook's credentials; after a restart on the same address the old
 //! connections fail and are replaced.
+//!
+//! The header rules are written once, as predicates ([`request_header_forwarded`],
+//! [`response_header_forwarded`]), and applied both by the HTTP/1.1 encoder in [`h1`] (which
+//! writes the upstream request straight from the browser's headers) and by the `HeaderMap`
+//! rewrites used for HTTP/2 and WebSocket handshakes.
 
+mod chunked;
+mod h1;
+
+use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Uri, Version};
 use hyper::body::Incoming;
-use hyper::client::conn::http1;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+pub use h1::{Affinity, UpstreamBody};
 
 use crate::activity::StreamGuard;
 use crate::body::EdgeBody;
@@ -43,6 +54,10 @@ const HOP_BY_HOP: &[HeaderName] = &[
     header::PROXY_AUTHORIZATION,
     header::PROXY_AUTHENTICATE,
 ];
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name) || name == "keep-alive" || name == "proxy-connection"
+}
 
 /// Is this a header by which a client could claim an identity or a network position that
 /// the notebook (or code in it) might believe? Only the edge sets such headers.
@@ -64,35 +79,120 @@ pub fn is_identity_header(name: &str) -> bool {
         )
 }
 
+/// Does a browser's request header go upstream? Not hop-by-hop ones (nor those its
+/// `Connection` names, see [`ConnectionTokens`]), not its `Authorization` (the browser's
+/// credentials are for the edge, not the notebook) and no identity claim. The edge's cookie is
+/// taken out of `Cookie` separately ([`for_each_kept_cookie`]).
+pub fn request_header_forwarded(name: &HeaderName) -> bool {
+    !(is_hop_by_hop(name) || name == header::AUTHORIZATION || is_identity_header(name.as_str()))
+}
+
+/// Does an upstream response header go to the browser? Not hop-by-hop ones, not Marimo's own
+/// session cookie (`Set-Cookie: session_*`, its credential), no upstream CORS and no
+/// `X-Frame-Options` (the edge's `frame-ancestors` decides framing).
+pub fn response_header_forwarded(name: &HeaderName, value: &[u8]) -> bool {
+    !(is_hop_by_hop(name)
+        || name.as_str().starts_with("access-control-")
+        || name == header::X_FRAME_OPTIONS
+        || (name == header::SET_COOKIE && value.starts_with(b"session_")))
+}
+
+/// What a message's `Connection` header says: close, keep-alive, and the other headers it
+/// names as hop-by-hop (rare; no allocation without them).
+#[derive(Default)]
+pub struct ConnectionTokens {
+    pub close: bool,
+    pub keep_alive: bool,
+    named: Vec<HeaderName>,
+}
+
+impl ConnectionTokens {
+    pub fn of<'a, V: AsRef<[u8]> + 'a>(values: impl Iterator<Item = V>) -> ConnectionTokens {
+        let mut t = ConnectionTokens::default();
+        for v in values {
+            for token in v.as_ref().split(|&b| b == b',') {
+                let token = token.trim_ascii();
+                if token.is_empty() {
+                    continue;
+                }
+                if token.eq_ignore_ascii_case(b"close") {
+                    t.close = true;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                    t.keep_alive = true;
+                } else if let Ok(n) = HeaderName::from_bytes(token) {
+                    if !is_hop_by_hop(&n) {
+                        t.named.push(n);
+                    }
+                }
+            }
+        }
+        t
+    }
+
+    /// Does `Connection` name this header (so it is hop-by-hop too)?
+    pub fn names(&self, name: &HeaderName) -> bool {
+        !self.named.is_empty() && self.named.contains(name)
+    }
+}
+
+/// Calls `f` with each `name=value` pair of the `Cookie` headers that is not one of the edge's
+/// cookies (`names`), trimmed. A `Cookie` header that is not text is dropped whole.
+pub fn for_each_kept_cookie(headers: &HeaderMap, names: &[&str], mut f: impl FnMut(&str)) {
+    for v in headers.get_all(header::COOKIE) {
+        let Ok(v) = v.to_str() else { continue };
+        for pair in v.split(';') {
+            let pair = pair.trim();
+            if pair.is_empty() {
+                continue;
+            }
+            let name = pair.split('=').next().unwrap_or("").trim();
+            if !names.contains(&name) {
+                f(pair);
+            }
+        }
+    }
+}
+
+/// The id the edge gives each forwarded request (`X-Request-Id`): a random per-process prefix
+/// and a counter, formatted only when written.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestId {
+    pub prefix: u32,
+    pub n: u64,
+}
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:08x}-{:x}", self.prefix, self.n)
+    }
+}
+
 /// Per-request facts the header rewrite needs.
 pub struct ForwardInfo<'a> {
     pub peer: IpAddr,
     pub proto: &'static str,
     pub host: Option<&'a HeaderValue>,
-    pub request_id: HeaderValue,
+    pub request_id: RequestId,
 }
 
-/// Rewrites request headers for the upstream (used for HTTP and WebSocket handshakes).
+/// Rewrites request headers for the upstream (used for HTTP/2 requests and WebSocket
+/// handshakes; HTTP/1.1 requests are encoded by [`h1`] with the same rules).
 pub fn rewrite_request_headers(
     headers: &mut HeaderMap,
     cookie_names: &[&str],
     route: &RouteEntry,
     info: ForwardInfo<'_>,
 ) {
-    remove_hop_by_hop(headers);
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
-    // The browser's credentials are for the edge, not the notebook.
-    headers.remove(header::AUTHORIZATION);
-    strip_cookies(headers, cookie_names);
-    let identity: Vec<HeaderName> = headers
+    let tokens = ConnectionTokens::of(headers.get_all(header::CONNECTION).iter());
+    let dropped: Vec<HeaderName> = headers
         .keys()
-        .filter(|n| is_identity_header(n.as_str()))
+        .filter(|n| !request_header_forwarded(n) || tokens.names(n))
         .cloned()
         .collect();
-    for n in identity {
+    for n in dropped {
         headers.remove(n);
     }
+    strip_cookies(headers, cookie_names);
     headers.insert(header::AUTHORIZATION, route.upstream_auth.clone());
     if let Ok(v) = HeaderValue::try_from(info.peer.to_string()) {
         headers.insert("x-forwarded-for", v);
@@ -102,23 +202,8 @@ pub fn rewrite_request_headers(
         headers.insert("x-forwarded-host", h.clone());
         headers.insert(header::HOST, h.clone());
     }
-    headers.insert("x-request-id", info.request_id);
-}
-
-fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // Headers named in `Connection` are hop-by-hop too.
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::try_from(t.trim()).ok())
-        .collect();
-    for n in named {
-        headers.remove(n);
-    }
-    for n in HOP_BY_HOP {
-        headers.remove(n);
+    if let Ok(v) = HeaderValue::try_from(info.request_id.to_string()) {
+        headers.insert("x-request-id", v);
     }
 }
 
@@ -129,32 +214,12 @@ pub fn strip_cookies(headers: &mut HeaderMap, names: &[&str]) {
         return;
     }
     let mut kept = String::new();
-    let mut changed = false;
-    let mut count = 0;
-    for v in headers.get_all(header::COOKIE) {
-        count += 1;
-        let Ok(v) = v.to_str() else {
-            changed = true;
-            continue;
-        };
-        for pair in v.split(';') {
-            let name = pair.split('=').next().unwrap_or("").trim();
-            if pair.trim().is_empty() {
-                continue;
-            }
-            if names.contains(&name) {
-                changed = true;
-                continue;
-            }
-            if !kept.is_empty() {
-                kept.push_str("; ");
-            }
-            kept.push_str(pair.trim());
+    for_each_kept_cookie(headers, names, |pair| {
+        if !kept.is_empty() {
+            kept.push_str("; ");
         }
-    }
-    if !changed && count == 1 {
-        return;
-    }
+        kept.push_str(pair);
+    });
     headers.remove(header::COOKIE);
     if !kept.is_empty() {
         if let Ok(v) = HeaderValue::try_from(kept) {
@@ -163,32 +228,21 @@ pub fn strip_cookies(headers: &mut HeaderMap, names: &[&str]) {
     }
 }
 
-/// Rewrites response headers for the browser: no Marimo credential cookie, no upstream CORS,
-/// framing only by the host application, no MIME sniffing.
+/// Rewrites response headers for the browser (HTTP/2 path; [`h1`] applies the same rules while
+/// parsing): see [`response_header_forwarded`]; adds the framing policy and `nosniff`.
 pub fn rewrite_response_headers(headers: &mut HeaderMap, csp: &HeaderValue) {
-    remove_hop_by_hop(headers);
-    headers.remove("keep-alive");
-    if headers.contains_key(header::SET_COOKIE) {
-        let kept: Vec<HeaderValue> = headers
-            .get_all(header::SET_COOKIE)
-            .iter()
-            .filter(|v| !v.as_bytes().starts_with(b"session_"))
-            .cloned()
-            .collect();
-        headers.remove(header::SET_COOKIE);
-        for v in kept {
-            headers.append(header::SET_COOKIE, v);
+    let tokens = ConnectionTokens::of(headers.get_all(header::CONNECTION).iter());
+    let old = std::mem::take(headers);
+    let mut current: Option<HeaderName> = None;
+    for (name, value) in old {
+        if let Some(n) = name {
+            current = Some(n);
+        }
+        let Some(name) = &current else { continue };
+        if response_header_forwarded(name, value.as_bytes()) && !tokens.names(name) {
+            headers.append(name.clone(), value);
         }
     }
-    let cors: Vec<HeaderName> = headers
-        .keys()
-        .filter(|n| n.as_str().starts_with("access-control-"))
-        .cloned()
-        .collect();
-    for n in cors {
-        headers.remove(n);
-    }
-    headers.remove(header::X_FRAME_OPTIONS);
     headers.append(header::CONTENT_SECURITY_POLICY, csp.clone());
     headers.insert(
         header::X_CONTENT_TYPE_OPTIONS,
@@ -196,7 +250,7 @@ pub fn rewrite_response_headers(headers: &mut HeaderMap, csp: &HeaderValue) {
     );
 }
 
-/// The HTTP forwarder: a pooled keep-alive client to every upstream.
+/// The HTTP forwarder.
 pub struct Forwarder {
     /// The shared pool, for HTTP/2 browser connections (many concurrent requests each).
     client: Client<HttpConnector, Incoming>,
@@ -221,7 +275,7 @@ impl Forwarder {
         http.enforce_http(true);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(64)
+            .pool_max_idle_per_host(1024)
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .build(http);
@@ -234,202 +288,111 @@ impl Forwarder {
         }
     }
 
-    /// Sends the (already rewritten) request upstream and streams the answer back.
+    /// Rewrites the request for the upstream, sends it and streams the answer back.
     ///
     /// `affinity` is the browser connection's own upstream connection slot (HTTP/1.1 browser
     /// connections); without it (HTTP/2) the shared pool is used.
+    #[allow(clippy::too_many_arguments)]
     pub async fn forward(
         &self,
         route: &RouteEntry,
         mut parts: http::request::Parts,
         body: Incoming,
         guard: Option<StreamGuard>,
-        affinity: Option<&Affinity>,
+        affinity: Option<&Arc<Affinity>>,
+        cookie_names: &[&str; 2],
+        info: ForwardInfo<'_>,
     ) -> Result<Response<EdgeBody>, EdgeError> {
+        let started = Instant::now();
+        if let Some(home) = affinity {
+            let (head, body) = h1::send(
+                home,
+                route,
+                &parts,
+                body,
+                cookie_names,
+                &info,
+                &self.csp,
+                self.connect_timeout,
+                self.response_timeout,
+            )
+            .await?;
+            self.metrics
+                .upstream_latency
+                .observe(started.elapsed().as_secs_f64());
+            let (status, headers) = head.into_parts();
+            let body = match h1::into_body(body) {
+                h1::BodyKind::Whole(b) => {
+                    self.metrics.bytes_to_client.inc_by(b.len() as u64);
+                    if b.is_empty() {
+                        EdgeBody::empty()
+                    } else {
+                        EdgeBody::full(b)
+                    }
+                }
+                h1::BodyKind::Streaming(inner) => EdgeBody::Http1 {
+                    inner,
+                    _guard: if is_event_stream(&headers) {
+                        guard
+                    } else {
+                        None
+                    },
+                    metrics: self.metrics,
+                },
+            };
+            let mut resp = Response::new(body);
+            *resp.status_mut() = status;
+            *resp.headers_mut() = headers;
+            return Ok(resp);
+        }
         let pq = parts
             .uri
             .path_and_query()
             .cloned()
             .ok_or_else(|| EdgeError::new(ErrorKind::BadRequest, "no path"))?;
+        rewrite_request_headers(&mut parts.headers, cookie_names, route, info);
         parts.version = Version::HTTP_11;
-        let started = Instant::now();
-        let resp = match affinity {
-            Some(a) => {
-                // An HTTP/1 client connection takes the origin form.
-                parts.uri = Uri::from(pq);
-                self.send_affine(a, route, Request::from_parts(parts, body))
-                    .await?
+        parts.uri = Uri::builder()
+            .scheme("http")
+            .authority(route.upstream.clone())
+            .path_and_query(pq)
+            .build()
+            .map_err(|e| EdgeError::new(ErrorKind::BadRequest, "upstream uri").with_cause(e))?;
+        let req = Request::from_parts(parts, body);
+        let resp = match tokio::time::timeout(self.response_timeout, self.client.request(req)).await
+        {
+            Err(_) => return Err(EdgeError::new(ErrorKind::UpstreamTimeout, "response head")),
+            Ok(Err(e)) if e.is_connect() => {
+                return Err(EdgeError::new(ErrorKind::UpstreamConnect, "connect").with_cause(e))
             }
-            None => {
-                parts.uri = Uri::builder()
-                    .scheme("http")
-                    .authority(route.upstream.clone())
-                    .path_and_query(pq)
-                    .build()
-                    .map_err(|e| {
-                        EdgeError::new(ErrorKind::BadRequest, "upstream uri").with_cause(e)
-                    })?;
-                let req = Request::from_parts(parts, body);
-                match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
-                    Err(_) => {
-                        return Err(EdgeError::new(ErrorKind::UpstreamTimeout, "response head"))
-                    }
-                    Ok(Err(e)) if e.is_connect() => {
-                        return Err(
-                            EdgeError::new(ErrorKind::UpstreamConnect, "connect").with_cause(e)
-                        )
-                    }
-                    Ok(Err(e)) => {
-                        return Err(
-                            EdgeError::new(ErrorKind::UpstreamProtocol, "request").with_cause(e)
-                        )
-                    }
-                    Ok(Ok(r)) => r,
-                }
+            Ok(Err(e)) => {
+                return Err(EdgeError::new(ErrorKind::UpstreamProtocol, "request").with_cause(e))
             }
+            Ok(Ok(r)) => r,
         };
         self.metrics
             .upstream_latency
             .observe(started.elapsed().as_secs_f64());
         let (mut parts, body) = resp.into_parts();
         rewrite_response_headers(&mut parts.headers, &self.csp);
-        // Only an event stream that actually started counts as an open stream.
-        let is_stream = parts
-            .headers
-            .get(header::CONTENT_TYPE)
-            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
         let body = EdgeBody::Upstream {
+            _guard: if is_event_stream(&parts.headers) {
+                guard
+            } else {
+                None
+            },
             inner: body,
-            _guard: if is_stream { guard } else { None },
             metrics: self.metrics,
         };
         Ok(Response::from_parts(parts, body))
     }
 }
 
-/// The upstream connection of ONE browser connection (HTTP/1.1), so the hot path needs no
-/// connection pool shared across connections (and no pool lock).
-///
-/// An HTTP/1.1 browser connection sends its next request only after the previous response was
-/// written completely, so the upstream connection is always free again by then: one slot is
-/// enough. The slot is keyed by notebook, session (run) and address, so a connection is never
-/// reused for another notebook or for a restarted one that got the same port. The mutex is
-/// per browser connection and uncontended (requests on it are sequential); it is never held
-/// across an `.await`.
-#[derive(Default)]
-pub struct Affinity {
-    slot: std::sync::Mutex<Option<(AffinityKey, http1::SendRequest<Incoming>)>>,
-}
-
-#[derive(Clone, PartialEq, Eq)]
-struct AffinityKey {
-    notebook: marina_config::Id,
-    session: marina_config::Id,
-    upstream: http::uri::Authority,
-}
-
-impl AffinityKey {
-    fn of(route: &RouteEntry) -> AffinityKey {
-        AffinityKey {
-            notebook: route.route.notebook_id,
-            session: route.route.session_id,
-            upstream: route.upstream.clone(),
-        }
-    }
-}
-
-impl Affinity {
-    fn take(&self, key: &AffinityKey) -> Option<http1::SendRequest<Incoming>> {
-        let mut slot = self.slot.lock().ok()?;
-        match slot.take() {
-            Some((k, s)) if k == *key && !s.is_closed() => Some(s),
-            _ => None,
-        }
-    }
-
-    fn put(&self, key: AffinityKey, sender: http1::SendRequest<Incoming>) {
-        if let Ok(mut slot) = self.slot.lock() {
-            *slot = Some((key, sender));
-        }
-    }
-}
-
-impl Forwarder {
-    async fn send_affine(
-        &self,
-        affinity: &Affinity,
-        route: &RouteEntry,
-        req: Request<Incoming>,
-    ) -> Result<Response<Incoming>, EdgeError> {
-        let key = AffinityKey::of(route);
-        let mut sender = match affinity.take(&key) {
-            Some(s) => s,
-            None => self.connect(route).await?,
-        };
-        // Ready at once unless the upstream closed the idle connection meanwhile.
-        if sender.ready().await.is_err() {
-            sender = self.connect(route).await?;
-            sender.ready().await.map_err(|e| {
-                EdgeError::new(ErrorKind::UpstreamConnect, "upstream connection").with_cause(e)
-            })?;
-        }
-        let response = sender.try_send_request(req);
-        affinity.put(key.clone(), sender);
-        let mut err = match tokio::time::timeout(self.response_timeout, response).await {
-            Err(_) => return Err(EdgeError::new(ErrorKind::UpstreamTimeout, "response head")),
-            Ok(Ok(r)) => return Ok(r),
-            Ok(Err(e)) => e,
-        };
-        // The upstream closed the idle connection just as the request went out (Marimo's
-        // server drops keep-alive connections after a few seconds). The request was not written,
-        // so it can be sent again, once, on a fresh connection.
-        let Some(req) = err.take_message() else {
-            return Err(
-                EdgeError::new(ErrorKind::UpstreamProtocol, "request").with_cause(err.into_error())
-            );
-        };
-        let mut fresh = self.connect(route).await?;
-        fresh.ready().await.map_err(|e| {
-            EdgeError::new(ErrorKind::UpstreamConnect, "upstream connection").with_cause(e)
-        })?;
-        let response = fresh.send_request(req);
-        affinity.put(key, fresh);
-        match tokio::time::timeout(self.response_timeout, response).await {
-            Err(_) => Err(EdgeError::new(ErrorKind::UpstreamTimeout, "response head")),
-            Ok(Err(e)) => Err(EdgeError::new(ErrorKind::UpstreamProtocol, "request").with_cause(e)),
-            Ok(Ok(r)) => Ok(r),
-        }
-    }
-
-    async fn connect(&self, route: &RouteEntry) -> Result<http1::SendRequest<Incoming>, EdgeError> {
-        let stream = match tokio::time::timeout(
-            self.connect_timeout,
-            TcpStream::connect(route.upstream.as_str()),
-        )
-        .await
-        {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                return Err(EdgeError::new(ErrorKind::UpstreamConnect, "connect").with_cause(e))
-            }
-            Err(_) => {
-                return Err(EdgeError::new(
-                    ErrorKind::UpstreamConnect,
-                    "connect timeout",
-                ))
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let (sender, conn) = http1::handshake(TokioIo::new(stream)).await.map_err(|e| {
-            EdgeError::new(ErrorKind::UpstreamConnect, "upstream handshake").with_cause(e)
-        })?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "upstream connection ended");
-            }
-        });
-        Ok(sender)
-    }
+/// Only an event stream that actually started counts as an open stream.
+fn is_event_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"))
 }
 
 #[cfg(test)]
@@ -492,7 +455,7 @@ mod tests {
                 peer: "10.0.0.9".parse().unwrap(),
                 proto: "https",
                 host: Some(&host),
-                request_id: HeaderValue::from_static("rid"),
+                request_id: RequestId { prefix: 1, n: 2 },
             },
         );
         assert_eq!(h[header::AUTHORIZATION], "Bearer marimo-secret");
