@@ -3,7 +3,7 @@
 # run on this machine, with the proxy and the upstream pinned to CPU 0 and the load generator to
 # CPU 1. Writes the medians and ratios into BENCHMARKS.md (between the bench markers).
 #
-#   scripts/bench.sh [--targets "direct edge nginx haproxy"] [--rounds 3] [--duration 8]
+#   scripts/bench.sh [--targets "direct edge nginx haproxy relay"] [--rounds 3] [--duration 8]
 #                    [--warmup 1] [--idle 2000] [--quiet-wait 90] [--no-build] [--no-report]
 #
 # Every server binds to 127.0.0.1 and all load goes there. Everything started here is stopped on
@@ -11,7 +11,7 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-TARGETS="direct edge nginx haproxy"
+TARGETS="direct edge nginx haproxy relay"
 ROUNDS=3
 DURATION=8
 WARMUP=1
@@ -43,6 +43,7 @@ EDGE_PORT=$((PORT_BASE + 2))
 EDGE_ADMIN=$((PORT_BASE + 3))
 NGINX_PORT=$((PORT_BASE + 4))
 HAPROXY_PORT=$((PORT_BASE + 5))
+RELAY_PORT=$((PORT_BASE + 6))
 NB=A1B2C3D4E5
 SID=S1S2S3S4S5
 OWNER=M1M2M3M4M5
@@ -92,6 +93,7 @@ fi
 TGT=${CARGO_TARGET_DIR:-$ROOT/target}/release
 LOAD="$TGT/bench-load"
 UPSTREAM="$TGT/bench-upstream"
+RELAY="$TGT/bench-relay"
 MARINA="$TGT/marina"
 
 WORK=$(mktemp -d /tmp/marina-bench.XXXXXX)
@@ -146,7 +148,7 @@ port_free() {
     exit 1
   fi
 }
-for p in $UP_PORT $EDGE_PORT $EDGE_ADMIN $NGINX_PORT $HAPROXY_PORT; do port_free "$p"; done
+for p in $UP_PORT $EDGE_PORT $EDGE_ADMIN $NGINX_PORT $HAPROXY_PORT $RELAY_PORT; do port_free "$p"; done
 
 # --- configurations ---------------------------------------------------------------------------
 openssl genpkey -algorithm ed25519 -out "$WORK/url-signing.pem" 2>/dev/null
@@ -304,6 +306,15 @@ start_target() { # start_target NAME: sets TGT_PID, MEM_PIDS, ADDR, ORIGIN
       STARTED+=("$TGT_PID")
       wait_port "$HAPROXY_PORT" "$TGT_PID"
       ADDR=127.0.0.1:$HAPROXY_PORT
+      MEM_PIDS=$TGT_PID
+      ;;
+    relay)
+      # The reference floor: bytes relayed without any HTTP work (benches/src/bin/bench-relay.rs).
+      $PIN_SERVER "$RELAY" --listen "127.0.0.1:$RELAY_PORT" --upstream "127.0.0.1:$UP_PORT" >>"$WORK/relay.log" 2>&1 &
+      TGT_PID=$!
+      STARTED+=("$TGT_PID")
+      wait_port "$RELAY_PORT" "$TGT_PID"
+      ADDR=127.0.0.1:$RELAY_PORT
       MEM_PIDS=$TGT_PID
       ;;
     *) echo "unknown target $1" >&2; return 1 ;;

@@ -5,7 +5,6 @@
 //! turned into a response by [`crate::error::respond`]. See `docs/request-lifecycle.md`.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -57,9 +56,16 @@ struct Shared {
     cookie_names: [String; 2],
 }
 
+/// What one browser connection carries from request to request.
+struct Downstream {
+    /// Its `X-Forwarded-For` value, formatted once per connection rather than per request.
+    forwarded_for: HeaderValue,
+    /// Its own upstream connection (see `forward::Affinity`).
+    upstream: Arc<Affinity>,
+}
+
 /// Per-request context shared by the phases (Pingora's `CTX`).
 struct RequestCtx {
-    peer: SocketAddr,
     /// Answer errors as JSON (API calls) rather than HTML pages.
     wants_json: bool,
     in_handshake: bool,
@@ -307,10 +313,12 @@ impl Edge {
             };
             let _ = stream.set_nodelay(true);
             let shared = shared.clone();
-            // This connection's own upstream connection (see `forward::Affinity`).
-            let affinity = Arc::new(Affinity::default());
-            let service =
-                service_fn(move |req| handle(shared.clone(), peer, affinity.clone(), req));
+            let downstream = Arc::new(Downstream {
+                forwarded_for: HeaderValue::try_from(peer.ip().to_string())
+                    .unwrap_or(HeaderValue::from_static("unknown")),
+                upstream: Arc::new(Affinity::default()),
+            });
+            let service = service_fn(move |req| handle(shared.clone(), downstream.clone(), req));
             let builder = builder.clone();
             let watcher = graceful.watcher();
             match &acceptor {
@@ -385,8 +393,7 @@ fn now_s() -> u64 {
 /// Runs the phases for one request and answers. Never fails: errors become responses here.
 async fn handle(
     shared: Arc<Shared>,
-    peer: SocketAddr,
-    affinity: Arc<Affinity>,
+    downstream: Arc<Downstream>,
     req: Request<Incoming>,
 ) -> Result<Response<EdgeBody>, Infallible> {
     let wants_json = !req
@@ -395,14 +402,13 @@ async fn handle(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|a| a.contains("text/html"));
     let mut ctx = RequestCtx {
-        peer,
         wants_json,
         in_handshake: false,
         route: None,
         identity: None,
         decision: None,
     };
-    let resp = match pipeline(&shared, &mut ctx, &affinity, req).await {
+    let resp = match pipeline(&shared, &mut ctx, &downstream, req).await {
         Ok(r) => r,
         Err(e) => {
             let m = shared.metrics;
@@ -441,7 +447,7 @@ fn record_activity(ctx: &RequestCtx) {
 async fn pipeline(
     shared: &Shared,
     ctx: &mut RequestCtx,
-    affinity: &Arc<Affinity>,
+    downstream: &Downstream,
     req: Request<Incoming>,
 ) -> Result<Response<EdgeBody>, EdgeError> {
     // Phase 1: route.
@@ -542,7 +548,7 @@ async fn pipeline(
             &names,
             &route,
             ForwardInfo {
-                peer: ctx.peer.ip(),
+                forwarded_for: &downstream.forwarded_for,
                 proto: shared.proto,
                 host: host.as_ref(),
                 request_id,
@@ -577,9 +583,9 @@ async fn pipeline(
         .then(|| route.activity.open_stream(&shared.metrics.streams_open));
     // HTTP/1 browser connections carry one request at a time: they get their own upstream
     // connection. HTTP/2 ones multiplex and use the shared pool.
-    let affinity = (parts.version <= http::Version::HTTP_11).then_some(affinity);
+    let affinity = (parts.version <= http::Version::HTTP_11).then_some(&downstream.upstream);
     let info = ForwardInfo {
-        peer: ctx.peer.ip(),
+        forwarded_for: &downstream.forwarded_for,
         proto: shared.proto,
         host: host.as_ref(),
         request_id,

@@ -943,7 +943,7 @@ async fn idle(a: IdleArgs) -> anyhow::Result<Outcome> {
 
 const START: &str = "<!-- bench:start -->";
 const END: &str = "<!-- bench:end -->";
-const TARGETS: [&str; 4] = ["direct", "edge", "nginx", "haproxy"];
+const TARGETS: [&str; 5] = ["direct", "edge", "nginx", "haproxy", "relay"];
 
 /// A row of the table: a scenario, a metric, and whether more is better.
 struct Metric {
@@ -1117,9 +1117,9 @@ fn report(a: &ReportArgs) -> anyhow::Result<()> {
             .join(", ")
     ));
     table.push_str(
-        "| metric | direct | edge | nginx | HAProxy | edge ÷ best proxy | goal | met |\n",
+        "| metric | direct | edge | nginx | HAProxy | byte relay | edge ÷ best proxy | goal | met |\n",
     );
-    table.push_str("|---|---:|---:|---:|---:|---:|---|---|\n");
+    table.push_str("|---|---:|---:|---:|---:|---:|---:|---|---|\n");
     for m in metrics() {
         let med: BTreeMap<&str, Option<f64>> = TARGETS
             .iter()
@@ -1157,12 +1157,13 @@ fn report(a: &ReportArgs) -> anyhow::Result<()> {
             None => "",
         };
         table.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             m.label,
             cell(med["direct"]),
             cell(med["edge"]),
             cell(med["nginx"]),
             cell(med["haproxy"]),
+            cell(med["relay"]),
             ratio
                 .map(|r| format!("{r:.2}×"))
                 .unwrap_or_else(|| "—".into()),

@@ -371,7 +371,7 @@ fn encode_request(
         line(out, name.as_str().as_bytes(), value.as_bytes());
     }
     line(out, b"authorization", route.upstream_auth.as_bytes());
-    let _ = write!(out, "x-forwarded-for: {}\r\n", info.peer);
+    line(out, b"x-forwarded-for", info.forwarded_for.as_bytes());
     line(out, b"x-forwarded-proto", info.proto.as_bytes());
     match &info.host {
         Some(h) => {
@@ -380,7 +380,9 @@ fn encode_request(
         }
         None => line(out, b"host", route.upstream.as_str().as_bytes()),
     }
-    let _ = write!(out, "x-request-id: {}\r\n", info.request_id);
+    out.extend_from_slice(b"x-request-id: ");
+    info.request_id.write_to(out);
+    out.extend_from_slice(b"\r\n");
     match framing {
         RequestFraming::None => {}
         RequestFraming::Length(n) => {
@@ -723,7 +725,7 @@ mod tests {
             &["marina", "__Host-marina"],
             &entry(),
             &ForwardInfo {
-                peer: "10.0.0.9".parse().unwrap(),
+                forwarded_for: &HeaderValue::from_static("10.0.0.9"),
                 proto: "https",
                 host: host.as_ref(),
                 request_id: super::super::RequestId { prefix: 1, n: 42 },

@@ -24,7 +24,6 @@ mod chunked;
 mod h1;
 
 use std::fmt;
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -161,6 +160,21 @@ pub struct RequestId {
     pub n: u64,
 }
 
+impl RequestId {
+    /// Appends the id (`{prefix:08x}-{n:x}`) without going through `fmt` (hot path).
+    pub fn write_to(&self, out: &mut Vec<u8>) {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        for shift in (0..8).rev() {
+            out.push(HEX[(self.prefix >> (shift * 4)) as usize & 0xf]);
+        }
+        out.push(b'-');
+        let digits = (64 - (self.n | 1).leading_zeros()).div_ceil(4);
+        for shift in (0..digits).rev() {
+            out.push(HEX[(self.n >> (shift * 4)) as usize & 0xf]);
+        }
+    }
+}
+
 impl fmt::Display for RequestId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:08x}-{:x}", self.prefix, self.n)
@@ -169,7 +183,8 @@ impl fmt::Display for RequestId {
 
 /// Per-request facts the header rewrite needs.
 pub struct ForwardInfo<'a> {
-    pub peer: IpAddr,
+    /// The browser connection's peer address, as `X-Forwarded-For` carries it.
+    pub forwarded_for: &'a HeaderValue,
     pub proto: &'static str,
     pub host: Option<&'a HeaderValue>,
     pub request_id: RequestId,
@@ -194,9 +209,7 @@ pub fn rewrite_request_headers(
     }
     strip_cookies(headers, cookie_names);
     headers.insert(header::AUTHORIZATION, route.upstream_auth.clone());
-    if let Ok(v) = HeaderValue::try_from(info.peer.to_string()) {
-        headers.insert("x-forwarded-for", v);
-    }
+    headers.insert("x-forwarded-for", info.forwarded_for.clone());
     headers.insert("x-forwarded-proto", HeaderValue::from_static(info.proto));
     if let Some(h) = info.host {
         headers.insert("x-forwarded-host", h.clone());
@@ -452,7 +465,7 @@ mod tests {
             &["marina", "__Host-marina"],
             &entry(),
             ForwardInfo {
-                peer: "10.0.0.9".parse().unwrap(),
+                forwarded_for: &HeaderValue::from_static("10.0.0.9"),
                 proto: "https",
                 host: Some(&host),
                 request_id: RequestId { prefix: 1, n: 2 },
@@ -473,6 +486,22 @@ mod tests {
             h["marimo-server-token"], "skew",
             "Marimo's skew token passes"
         );
+    }
+
+    #[test]
+    fn request_id_written_like_its_display() {
+        for (prefix, n) in [
+            (0, 0),
+            (1, 2),
+            (0xdead_beef, u64::MAX),
+            (7, 0x10),
+            (0xabc, 255),
+        ] {
+            let id = RequestId { prefix, n };
+            let mut out = Vec::new();
+            id.write_to(&mut out);
+            assert_eq!(String::from_utf8(out).unwrap(), id.to_string());
+        }
     }
 
     #[test]
