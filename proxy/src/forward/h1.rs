@@ -42,10 +42,10 @@ use super::{ConnectionTokens, ForwardInfo};
 use crate::error::{EdgeError, ErrorKind};
 use crate::route::RouteEntry;
 
-/// Most header lines accepted in an upstream response head.
-const MAX_HEADERS: usize = 100;
+/// Most header lines accepted in an upstream response head (Marimo sends about ten).
+const MAX_HEADERS: usize = 64;
 /// Largest upstream response head accepted.
-const MAX_HEAD: usize = 64 * 1024;
+const MAX_HEAD: usize = 60 * 1024;
 /// Read size while waiting for a response head (and the smallest body read).
 const READ_HEAD: usize = 8 * 1024;
 /// Largest single body read.
@@ -410,21 +410,22 @@ fn parse_head(
     csp: &HeaderValue,
 ) -> Result<Option<Head>, ProtoError> {
     loop {
-        // (name start, name len, value start, value len) of each header, as offsets in `buf`.
-        let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+        // (name start, name end, value start, value end) of each header, as offsets in `buf`
+        // (a head is at most `MAX_HEAD` bytes, so they fit in `u16`: a small array to clear).
+        let mut spans = [(0u16, 0u16, 0u16, 0u16); MAX_HEADERS];
         let (len, code, minor, count) = {
             let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
             let mut r = httparse::Response::new(&mut headers);
             let base = buf.as_ptr() as usize;
             match r.parse(buf) {
                 Ok(httparse::Status::Complete(len)) => {
+                    if len > MAX_HEAD {
+                        return Err(ProtoError("head too large"));
+                    }
+                    let at = |p: *const u8| (p as usize - base) as u16;
                     for (span, h) in spans.iter_mut().zip(r.headers.iter()) {
-                        *span = (
-                            h.name.as_ptr() as usize - base,
-                            h.name.len(),
-                            h.value.as_ptr() as usize - base,
-                            h.value.len(),
-                        );
+                        let (n, v) = (at(h.name.as_ptr()), at(h.value.as_ptr()));
+                        *span = (n, n + h.name.len() as u16, v, v + h.value.len() as u16);
                     }
                     (
                         len,
@@ -455,17 +456,18 @@ fn parse_head(
         let tokens = ConnectionTokens::of(
             spans
                 .iter()
-                .filter(|s| head[s.0..s.0 + s.1].eq_ignore_ascii_case(b"connection"))
-                .map(|s| &head[s.2..s.2 + s.3]),
+                .filter(|s| head[s.0 as usize..s.1 as usize].eq_ignore_ascii_case(b"connection"))
+                .map(|s| &head[s.2 as usize..s.3 as usize]),
         );
         let mut headers = HeaderMap::with_capacity(count + 2);
         let mut length: Option<u64> = None;
         let mut transfer_encoding = false;
         let mut chunked = false;
-        for &(ns, nl, vs, vl) in spans {
-            let name = HeaderName::from_bytes(&head[ns..ns + nl])
-                .map_err(|_| ProtoError("header name"))?;
-            let value = &head[vs..vs + vl];
+        for &(ns, ne, vs, ve) in spans {
+            let (ns, ne, vs, ve) = (ns as usize, ne as usize, vs as usize, ve as usize);
+            let name =
+                HeaderName::from_bytes(&head[ns..ne]).map_err(|_| ProtoError("header name"))?;
+            let value = &head[vs..ve];
             if name == header::TRANSFER_ENCODING {
                 transfer_encoding = true;
                 // Only the last coding matters for framing.
@@ -489,7 +491,7 @@ fn parse_head(
             if !super::response_header_forwarded(&name, value) || tokens.names(&name) {
                 continue;
             }
-            let value = HeaderValue::from_maybe_shared(head.slice(vs..vs + vl))
+            let value = HeaderValue::from_maybe_shared(head.slice(vs..ve))
                 .map_err(|_| ProtoError("header value"))?;
             headers.append(name, value);
         }
