@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Starts (once) a throwaway PostgreSQL server for the tests, on 127.0.0.1:${PGPORT:-55432},
+# Starts (once) a throwaway PostgreSQL server for the tests, on 127.0.0.1:${PGPORT:-25432} (below
+# the ephemeral port range, so no client socket of a busy machine can hold the port),
 # with its data in target/pg, and prints its URL. Installs Debian's PostgreSQL if it is missing.
 #   scripts/pg-test-server.sh [start|stop]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-port=${PGPORT:-55432}
+port=${PGPORT:-25432}
 dir=$root/target/pg
 url="postgres://marina:marina@127.0.0.1:$port/postgres"
 
