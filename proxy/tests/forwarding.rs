@@ -1040,6 +1040,8 @@ type RawSeen = Arc<Mutex<Vec<(String, String, Vec<u8>)>>>;
 struct RawUpstream {
     addr: SocketAddr,
     seen: RawSeen,
+    /// `…/sse` sends its second event only once this is notified.
+    release: Arc<tokio::sync::Notify>,
     connections: Arc<std::sync::atomic::AtomicUsize>,
 }
 
@@ -1048,11 +1050,13 @@ async fn raw_upstream() -> RawUpstream {
     let addr = l.local_addr().unwrap();
     let seen: RawSeen = Arc::default();
     let connections: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
-    let (s2, c2) = (seen.clone(), connections.clone());
+    let release: Arc<tokio::sync::Notify> = Arc::default();
+    let (s2, c2, r2) = (seen.clone(), connections.clone(), release.clone());
     tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {
             c2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let seen = s2.clone();
+            let release = r2.clone();
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 loop {
@@ -1131,7 +1135,7 @@ async fn raw_upstream() -> RawUpstream {
                         }
                         "sse" => {
                             let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n9\r\ndata: 0\n\n\r\n").await;
-                            tokio::time::sleep(Duration::from_millis(600)).await;
+                            release.notified().await;
                             let _ = s.write_all(b"9\r\ndata: 1\n\n\r\n0\r\n\r\n").await;
                         }
                         "until-close" => {
@@ -1176,6 +1180,7 @@ async fn raw_upstream() -> RawUpstream {
     RawUpstream {
         addr,
         seen,
+        release,
         connections,
     }
 }
@@ -1193,14 +1198,13 @@ async fn upstream_framings_stream_through_the_edge() {
         .build()
         .unwrap();
     let url = |p: &str| edge.url(&format!("/notebooks/{NB}/{p}"));
+    let get = |p: &str| {
+        let req = browser.get(url(p)).header("cookie", &cookie);
+        async move { req.send().await.unwrap() }
+    };
 
     // Chunked, with an interim 103 and a trailer, arriving in two pieces.
-    let resp = browser
-        .get(url("chunked"))
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .unwrap();
+    let resp = get("chunked").await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.text().await.unwrap(), "hello world");
     // Request bodies: by length and chunked (a streamed body has no length).
@@ -1235,12 +1239,7 @@ async fn upstream_framings_stream_through_the_edge() {
     assert_eq!(resp.headers()["content-length"], "99");
     assert_eq!(resp.bytes().await.unwrap().len(), 0);
     // Several MiB by length, intact.
-    let big = browser
-        .get(url("big"))
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .unwrap();
+    let big = get("big").await;
     let big = big.bytes().await.unwrap();
     assert_eq!(big.len(), 3 * 1024 * 1024 + 7);
     assert!(big.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8));
@@ -1255,67 +1254,38 @@ async fn upstream_framings_stream_through_the_edge() {
         assert!(bodies.contains(&("PUT", b"abcdefgh".to_vec())));
     }
 
-    // An event stream: the first event arrives before the upstream sends the second.
-    let started = Instant::now();
-    let mut sse = browser
-        .get(url("sse"))
-        .header("cookie", &cookie)
-        .send()
+    // An event stream: the first event reaches the browser while the upstream holds back the
+    // second (an edge that buffered would never deliver it).
+    let mut sse = get("sse").await;
+    let first = tokio::time::timeout(Duration::from_secs(10), sse.chunk())
         .await
+        .expect("the first event arrives before the stream ends")
+        .unwrap()
         .unwrap();
-    let first = sse.chunk().await.unwrap().unwrap();
     assert_eq!(&first[..], b"data: 0\n\n");
-    assert!(
-        started.elapsed() < Duration::from_millis(500),
-        "streamed, not buffered"
-    );
+    up.release.notify_one();
     let second = sse.chunk().await.unwrap().unwrap();
     assert_eq!(&second[..], b"data: 1\n\n");
     assert!(sse.chunk().await.unwrap().is_none());
 
     // A body that ends with the connection: delivered, and that connection is not reused.
     let before = conns();
-    let resp = browser
-        .get(url("until-close"))
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .unwrap();
+    let resp = get("until-close").await;
     assert_eq!(resp.text().await.unwrap(), "body until close");
-    let resp = browser
-        .get(url("echo"))
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .unwrap();
+    let resp = get("echo").await;
     assert_eq!(resp.text().await.unwrap(), "GET 0 bytes");
     assert_eq!(conns(), before + 1);
 
     // More bytes than announced: the browser gets the announced ones, and the rest never
     // becomes the answer to the next request (the connection is dropped).
-    let resp = browser
-        .get(url("overlong"))
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .unwrap();
+    let resp = get("overlong").await;
     assert_eq!(resp.text().await.unwrap(), "first");
-    let resp = browser
-        .get(url("echo"))
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .unwrap();
+    let resp = get("echo").await;
     assert_eq!(resp.text().await.unwrap(), "GET 0 bytes");
     assert_eq!(conns(), before + 2);
 
     // Conflicting lengths: a clear 502, not a guess.
-    let resp = browser
-        .get(url("bad"))
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .unwrap();
+    let resp = get("bad").await;
     assert_eq!(resp.status(), 502);
     edge.stop().await;
 }

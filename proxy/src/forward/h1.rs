@@ -687,30 +687,8 @@ impl Head {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::entry;
     use super::*;
-    use crate::metrics::Metrics;
-    use crate::route::{tests::path_addressing, RouteTable};
-    use marina_config::wire::{Route, RoutesSnapshot};
-    use marina_config::Id;
-
-    fn entry() -> Arc<RouteEntry> {
-        let m: &'static Metrics = Box::leak(Box::new(Metrics::new()));
-        let t = RouteTable::new(m, path_addressing());
-        let id = Id::parse("A1B2C3D4E5").unwrap();
-        t.apply(RoutesSnapshot {
-            version: 1,
-            routes: vec![Route {
-                notebook_id: id,
-                session_id: id,
-                upstream: "127.0.0.1:2718".into(),
-                upstream_token: "marimo-secret".into(),
-                owner_id: id,
-                viewers: vec![],
-            }],
-        })
-        .unwrap();
-        t.get(id).unwrap()
-    }
 
     fn csp() -> HeaderValue {
         HeaderValue::from_static("frame-ancestors https://host.example")

@@ -415,7 +415,8 @@ mod tests {
     use marina_config::wire::{Route, RoutesSnapshot};
     use marina_config::Id;
 
-    fn entry() -> std::sync::Arc<RouteEntry> {
+    /// A route entry for notebook `A1B2C3D4E5` with Marimo token `marimo-secret`.
+    pub(super) fn entry() -> std::sync::Arc<RouteEntry> {
         let m: &'static Metrics = Box::leak(Box::new(Metrics::new()));
         let t = RouteTable::new(m, path_addressing());
         let id = Id::parse("A1B2C3D4E5").unwrap();
