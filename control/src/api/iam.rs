@@ -531,20 +531,14 @@ pub async fn team_members_remove(
     let member = path_id("member", &member)?;
     fetch_team(&state, &p, id).await?;
     p.require_admin()?;
-    let mut tx = state.db.pool.begin().await?;
-    bump_routes(&mut tx).await?;
-    let res = sqlx::query("DELETE FROM team_members WHERE team_id = $1 AND member_id = $2")
-        .bind(id.to_string())
-        .bind(member.to_string())
-        .execute(&mut *tx)
-        .await?;
-    if res.rows_affected() == 0 {
-        tx.rollback().await?;
-        return Err(ApiError::member_not_found());
-    }
-    tx.commit().await?;
-    state.routes_changed.notify_waiters();
-    Ok(StatusCode::NO_CONTENT)
+    super::unlink(
+        &state,
+        "DELETE FROM team_members WHERE team_id = $1 AND member_id = $2",
+        id,
+        member,
+        ApiError::member_not_found(),
+    )
+    .await
 }
 
 /// A member's API keys (the member himself or an admin).

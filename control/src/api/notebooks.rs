@@ -710,21 +710,14 @@ pub async fn notebook_teams_remove(
     let team = path_id("team", &team)?;
     let nb = fetch_visible(&state, &p, id).await?;
     may_manage(&p, &nb)?;
-    let mut tx = state.db.pool.begin().await?;
-    bump_routes(&mut tx).await?;
-    let res = sqlx::query("DELETE FROM notebook_teams WHERE notebook_id = $1 AND team_id = $2")
-        .bind(id.to_string())
-        .bind(team.to_string())
-        .execute(&mut *tx)
-        .await?;
-    if res.rows_affected() == 0 {
-        // Nothing changed: roll back the version bump too.
-        tx.rollback().await?;
-        return Err(ApiError::team_not_found());
-    }
-    tx.commit().await?;
-    state.routes_changed.notify_waiters();
-    Ok(StatusCode::NO_CONTENT)
+    super::unlink(
+        &state,
+        "DELETE FROM notebook_teams WHERE notebook_id = $1 AND team_id = $2",
+        id,
+        team,
+        ApiError::team_not_found(),
+    )
+    .await
 }
 
 /// Notebooks shared with a team (caller in the team, or an admin).
