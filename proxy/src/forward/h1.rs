@@ -19,8 +19,10 @@
 //!   never spill into the next.
 //! - The slot is keyed by notebook, run (session) and address, so a connection never serves
 //!   another notebook, or a restarted one that got the same port.
-//! - A request is sent again (once, on a fresh connection) only when it has no body and the
-//!   reused connection failed before any byte of an answer: the upstream closed it while idle.
+//! - A request is sent again (once, on a fresh connection) only when it is idempotent, has no
+//!   body, and the reused connection failed before any byte of an answer: the upstream closed it
+//!   while idle. A stale idle connection is usually seen before the request is written: the
+//!   upstream's FIN makes it readable.
 
 use std::io::{self, Write as _};
 use std::pin::Pin;
@@ -275,10 +277,13 @@ pub(super) async fn send(
     };
     let head = match result {
         Ok(h) => h,
-        Err(Failure::Unanswered(_)) if reused && framing == RequestFraming::None => {
+        Err(Failure::Unanswered(_))
+            if reused && framing == RequestFraming::None && parts.method.is_idempotent() =>
+        {
             // The upstream closed the idle connection just as the request went out (Marimo's
             // server drops idle keep-alive connections after a few seconds). Nothing of the
-            // request was consumed, so it goes again, once, on a fresh connection.
+            // request body was consumed, so an idempotent request goes again, once, on a fresh
+            // connection (RFC 9110 §9.2.2: never a POST, which the upstream might have seen).
             let out = std::mem::take(&mut conn.out);
             conn = Conn::connect(route, key, connect_timeout).await?;
             conn.out = out;
