@@ -59,11 +59,13 @@ const READ_BODY: usize = 64 * 1024;
 /// per browser connection, uncontended, and never held across an `.await`.
 #[derive(Default)]
 pub struct Affinity {
-    slot: Mutex<Option<Conn>>,
+    /// Boxed, like everywhere a connection travels: it moves from the slot to the response body
+    /// and back on every request, and a pointer moves cheaply (the response types stay small).
+    slot: Mutex<Option<Box<Conn>>>,
 }
 
 impl Affinity {
-    fn take(&self, key: &Key) -> Option<Conn> {
+    fn take(&self, key: &Key) -> Option<Box<Conn>> {
         let mut slot = self.slot.lock().ok()?;
         match slot.take() {
             Some(c) if c.key == *key => Some(c),
@@ -71,7 +73,7 @@ impl Affinity {
         }
     }
 
-    fn put(&self, conn: Conn) {
+    fn put(&self, conn: Box<Conn>) {
         if let Ok(mut slot) = self.slot.lock() {
             *slot = Some(conn);
         }
@@ -106,7 +108,11 @@ pub struct Conn {
 }
 
 impl Conn {
-    async fn connect(route: &RouteEntry, key: Key, timeout: Duration) -> Result<Conn, EdgeError> {
+    async fn connect(
+        route: &RouteEntry,
+        key: Key,
+        timeout: Duration,
+    ) -> Result<Box<Conn>, EdgeError> {
         let io = match tokio::time::timeout(timeout, TcpStream::connect(route.upstream.as_str()))
             .await
         {
@@ -122,12 +128,12 @@ impl Conn {
             }
         };
         let _ = io.set_nodelay(true);
-        Ok(Conn {
+        Ok(Box::new(Conn {
             io,
             buf: BytesMut::with_capacity(READ_HEAD),
             out: Vec::with_capacity(1024),
             key,
-        })
+        }))
     }
 
     /// Is this idle connection still open? The upstream closing it makes it readable (EOF);
@@ -549,7 +555,7 @@ enum BodyState {
 /// The upstream response body, read from the upstream socket as hyper's server polls it (in
 /// the browser connection's task). Returns its connection to the slot when complete.
 pub struct UpstreamBody {
-    conn: Option<Conn>,
+    conn: Option<Box<Conn>>,
     home: Arc<Affinity>,
     reusable: bool,
     state: BodyState,
