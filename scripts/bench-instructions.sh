@@ -75,75 +75,14 @@ wait_port() {
   return 1
 }
 
-openssl genpkey -algorithm ed25519 -out "$WORK/url-signing.pem" 2>/dev/null
-openssl pkey -in "$WORK/url-signing.pem" -pubout -out "$WORK/url-signing.pub.pem" 2>/dev/null
-mkdir -p "$WORK/edge-data" "$WORK/nginx"
-cat >"$WORK/routes.json" <<EOF
-{"version":1,"routes":[{"notebookId":"$NB","sessionId":"$SID","upstream":"127.0.0.1:$UP_PORT","upstreamToken":"x","ownerId":"$OWNER","viewers":[]}]}
-EOF
-cat >"$WORK/edge.toml" <<EOF
-data_dir = "$WORK/edge-data"
-log = "warn"
-[tokens]
-issuer = "marina-control"
-audience = "marina-edge"
-public_keys = [{ kid = "k1", file = "$WORK/url-signing.pub.pem" }]
-[proxy]
-listen = "127.0.0.1:$EDGE_PORT"
-admin_listen = "127.0.0.1:$((PORT_BASE + 3))"
-public_url = "http://127.0.0.1:$EDGE_PORT"
-routes_file = "$WORK/routes.json"
-[proxy.cookie]
-keys = ["$(openssl rand -hex 32)"]
-EOF
-# The same proxy configurations as scripts/bench.sh, as one process (no master) for valgrind.
-cat >"$WORK/nginx.conf" <<EOF
-worker_processes 1;
-master_process off;
-daemon off;
-pid $WORK/nginx/nginx.pid;
-error_log $WORK/nginx/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  client_body_temp_path $WORK/nginx/client_body;
-  proxy_temp_path $WORK/nginx/proxy;
-  fastcgi_temp_path $WORK/nginx/fastcgi;
-  uwsgi_temp_path $WORK/nginx/uwsgi;
-  scgi_temp_path $WORK/nginx/scgi;
-  keepalive_requests 1000000;
-  upstream marimo { server 127.0.0.1:$UP_PORT; keepalive 512; keepalive_requests 1000000; }
-  server {
-    listen 127.0.0.1:$NGINX_PORT;
-    location / {
-      proxy_pass http://marimo;
-      proxy_http_version 1.1;
-      proxy_set_header Host \$host;
-      proxy_set_header Connection "";
-      proxy_set_header Authorization "Bearer x";
-    }
-  }
-}
-EOF
-cat >"$WORK/haproxy.cfg" <<EOF
-global
-  nbthread 1
-  maxconn 1000
-defaults
-  mode http
-  option http-keep-alive
-  http-reuse always
-  timeout connect 5s
-  timeout client 3600s
-  timeout server 3600s
-  timeout http-keep-alive 300s
-frontend fe
-  bind 127.0.0.1:$HAPROXY_PORT
-  default_backend marimo
-backend marimo
-  http-request set-header Authorization "Bearer x"
-  server up1 127.0.0.1:$UP_PORT maxconn 1000
-EOF
+# The same configurations as scripts/bench.sh, nginx as one process (no master) for valgrind.
+EDGE_ADMIN=$((PORT_BASE + 3))
+NOFILE=$(ulimit -n)
+HAPROXY_MAXCONN=1000
+NGINX_MASTER=off
+# shellcheck source=scripts/bench-config.sh
+. "$ROOT/scripts/bench-config.sh"
+write_bench_configs
 
 taskset -c 0 "$TGT/bench-upstream" --listen "127.0.0.1:$UP_PORT" >"$WORK/upstream.log" 2>&1 &
 PIDS+=($!)
