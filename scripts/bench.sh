@@ -261,18 +261,21 @@ run_target() { # run_target NAME ROUND
   start_upstream
   start_target "$t"
   local cookie=${COOKIE:-}
-  echo "round $r, $t at $ADDR (memory of pid $MEM_PIDS)"
+  # CPU time per request: the proxy's processes (none for direct) and the upstream's.
+  local cpu=(--upstream-pid "$UP_PID")
+  if [ "$t" != direct ]; then cpu+=(--proxy-pid "$MEM_PIDS"); fi
+  echo "round $r, $t at $ADDR (memory and CPU of pid $MEM_PIDS)"
   # Idle first, while the process is fresh, so earlier load does not pre-grow its heap.
   scenario "$t" "$r" idle-2000 idle --addr "$ADDR" --path "$P/ws" -c "$IDLE_CONNS" \
     --pid "$MEM_PIDS" --settle 3 --cookie "$cookie" --origin "$ORIGIN"
   scenario "$t" "$r" small-50 http --addr "$ADDR" --path "$P/small" -c 50 \
-    --duration "$DURATION" --warmup "$WARMUP" --cookie "$cookie"
+    --duration "$DURATION" --warmup "$WARMUP" --cookie "$cookie" "${cpu[@]}"
   scenario "$t" "$r" small-256 http --addr "$ADDR" --path "$P/small" -c 256 \
-    --duration "$DURATION" --warmup "$WARMUP" --cookie "$cookie"
+    --duration "$DURATION" --warmup "$WARMUP" --cookie "$cookie" "${cpu[@]}"
   scenario "$t" "$r" 64k-50 http --addr "$ADDR" --path "$P/64k" -c 50 \
-    --duration "$DURATION" --warmup "$WARMUP" --cookie "$cookie"
+    --duration "$DURATION" --warmup "$WARMUP" --cookie "$cookie" "${cpu[@]}"
   scenario "$t" "$r" ws-100 ws --addr "$ADDR" --path "$P/ws" -c 100 --size 64 \
-    --duration "$DURATION" --warmup "$WARMUP" --cookie "$cookie" --origin "$ORIGIN"
+    --duration "$DURATION" --warmup "$WARMUP" --cookie "$cookie" --origin "$ORIGIN" "${cpu[@]}"
   if [ -n "$TGT_PID" ]; then stop "$TGT_PID"; fi
   stop "$UP_PID"
 }

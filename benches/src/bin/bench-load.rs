@@ -7,6 +7,9 @@
 //! - `http`: N keep-alive HTTP/1.1 connections issuing GETs (closed loop, one request in flight
 //!   per connection) for a fixed time; req/s, p50/p99 latency, MiB/s of body.
 //! - `ws`: N WebSockets, each sending a message and awaiting its echo; msgs/s and round trips.
+//! - Both also report, with `--proxy-pid`/`--upstream-pid`, the CPU time (user + system, from
+//!   `/proc/<pid>/stat`) those processes spent per request or message in the measured window:
+//!   what each request costs the machine, whoever the scheduler ran first.
 //! - `idle`: opens N WebSockets, holds them, and reports the target processes' resident memory
 //!   growth per connection (`VmRSS` in `/proc/<pid>/status`).
 //! - `report`: medians of the results (JSON lines) and a markdown table for `BENCHMARKS.md`.
@@ -120,6 +123,12 @@ struct Common {
     scenario: String,
     #[arg(long, default_value_t = 0)]
     round: u32,
+    /// The proxy's processes (repeatable): their CPU time per request is reported.
+    #[arg(long = "proxy-pid")]
+    proxy_pids: Vec<u32>,
+    /// The upstream's processes (repeatable): their CPU time per request is reported.
+    #[arg(long = "upstream-pid")]
+    upstream_pids: Vec<u32>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -213,6 +222,12 @@ struct Outcome {
     /// bottleneck, and the figure is a lower bound).
     #[serde(skip_serializing_if = "Option::is_none")]
     client_cpu: Option<f64>,
+    /// CPU time (user + system) the proxy's processes spent per request or message, µs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    proxy_cpu_us: Option<f64>,
+    /// The same for the upstream's processes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    upstream_cpu_us: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     rss_before_kib: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -259,15 +274,61 @@ fn check_loopback(addr: &SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// CPU time this process has used (user + system), from `/proc/self/stat`.
-fn cpu_time() -> Option<Duration> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+/// CPU time a process has used (user + system, all threads), from `/proc/<pid>/stat`.
+fn cpu_time_of(pid: &str) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which may contain spaces) start after the last ')'.
     let rest = &stat[stat.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
     // USER_HZ is 100 on every Linux this runs on.
     Some(Duration::from_millis(ticks * 10))
+}
+
+fn cpu_time() -> Option<Duration> {
+    cpu_time_of("self")
+}
+
+/// The summed CPU time of `pids`; `None` if there are none or one cannot be read.
+fn cpu_time_sum(pids: &[u32]) -> Option<Duration> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|p| cpu_time_of(&p.to_string())).sum()
+}
+
+/// CPU time the proxy's and the upstream's processes spend in the measured window, sampled at
+/// its start and end by a task of its own (the window is where requests are counted).
+struct ServerCpu {
+    task: tokio::task::JoinHandle<(Option<Duration>, Option<Duration>)>,
+}
+
+impl ServerCpu {
+    fn start(c: &Common, w: &Window) -> ServerCpu {
+        let (proxy, upstream) = (c.proxy_pids.clone(), c.upstream_pids.clone());
+        let (start, end) = (w.start, w.end);
+        let task = tokio::task::spawn_local(async move {
+            tokio::time::sleep_until(tokio::time::Instant::from_std(start)).await;
+            let p0 = cpu_time_sum(&proxy);
+            let u0 = cpu_time_sum(&upstream);
+            tokio::time::sleep_until(tokio::time::Instant::from_std(end)).await;
+            let p1 = cpu_time_sum(&proxy);
+            let u1 = cpu_time_sum(&upstream);
+            let delta = |a: Option<Duration>, b: Option<Duration>| b?.checked_sub(a?);
+            (delta(p0, p1), delta(u0, u1))
+        });
+        ServerCpu { task }
+    }
+
+    /// Microseconds of CPU per counted request or message: (proxy, upstream).
+    async fn per(self, count: u64) -> (Option<f64>, Option<f64>) {
+        let (p, u) = self.task.await.unwrap_or((None, None));
+        let per = |d: Option<Duration>| {
+            d.filter(|_| count > 0)
+                .map(|d| d.as_secs_f64() * 1e6 / count as f64)
+        };
+        (per(p), per(u))
+    }
 }
 
 /// Measures the CPU share of the load generator between `new` and `share`.
@@ -590,6 +651,7 @@ async fn http_load(c: Common) -> anyhow::Result<Outcome> {
     let req: Rc<[u8]> = Rc::from(req.into_bytes());
     let meter = CpuMeter::new();
     let w = Window::new(c.warmup, c.duration)?;
+    let servers = ServerCpu::start(&c, &w);
     // Open every connection first, so connection set-up is not part of the measurement.
     let mut conns = Vec::with_capacity(c.connections);
     for _ in 0..c.connections {
@@ -613,6 +675,7 @@ async fn http_load(c: Common) -> anyhow::Result<Outcome> {
     o.rps = Some(total.count as f64 / c.duration);
     o.mib_s = Some(total.bytes as f64 / c.duration / (1024.0 * 1024.0));
     o.client_cpu = meter.share();
+    (o.proxy_cpu_us, o.upstream_cpu_us) = servers.per(total.count).await;
     ensure!(
         total.count > 0,
         "no successful request (errors: {})",
@@ -815,6 +878,7 @@ async fn ws_load(a: WsArgs) -> anyhow::Result<Outcome> {
     ensure!(a.size <= 1 << 20, "message size at most 1 MiB");
     let meter = CpuMeter::new();
     let w = Window::new(c.warmup, c.duration)?;
+    let servers = ServerCpu::start(&c, &w);
     let mut socks = Vec::with_capacity(c.connections);
     for _ in 0..c.connections {
         socks.push(
@@ -834,6 +898,7 @@ async fn ws_load(a: WsArgs) -> anyhow::Result<Outcome> {
     let mut o = outcome(&c, &total);
     o.msgs_s = Some(total.count as f64 / c.duration);
     o.client_cpu = meter.share();
+    (o.proxy_cpu_us, o.upstream_cpu_us) = servers.per(total.count).await;
     ensure!(
         total.count > 0,
         "no message echoed (errors: {})",
@@ -989,6 +1054,20 @@ fn metrics() -> Vec<Metric> {
             goal: Goal::RatioAtMost(1.0),
         },
         Metric {
+            scenario: "small-50",
+            label: "small GET, 50 conns: proxy CPU µs/req",
+            get: |o| o.proxy_cpu_us,
+            higher_is_better: false,
+            goal: Goal::None,
+        },
+        Metric {
+            scenario: "small-50",
+            label: "small GET, 50 conns: upstream CPU µs/req",
+            get: |o| o.upstream_cpu_us,
+            higher_is_better: false,
+            goal: Goal::None,
+        },
+        Metric {
             scenario: "small-256",
             label: "small GET, 256 conns: req/s",
             get: rps,
@@ -1010,6 +1089,13 @@ fn metrics() -> Vec<Metric> {
             goal: Goal::RatioAtMost(1.0),
         },
         Metric {
+            scenario: "small-256",
+            label: "small GET, 256 conns: proxy CPU µs/req",
+            get: |o| o.proxy_cpu_us,
+            higher_is_better: false,
+            goal: Goal::None,
+        },
+        Metric {
             scenario: "64k-50",
             label: "64 KiB GET, 50 conns: MiB/s",
             get: |o| o.mib_s,
@@ -1024,6 +1110,13 @@ fn metrics() -> Vec<Metric> {
             goal: Goal::None,
         },
         Metric {
+            scenario: "64k-50",
+            label: "64 KiB GET, 50 conns: proxy CPU µs/req",
+            get: |o| o.proxy_cpu_us,
+            higher_is_better: false,
+            goal: Goal::None,
+        },
+        Metric {
             scenario: "ws-100",
             label: "WS echo 64 B, 100 conns: msgs/s",
             get: |o| o.msgs_s,
@@ -1034,6 +1127,13 @@ fn metrics() -> Vec<Metric> {
             scenario: "ws-100",
             label: "WS echo 64 B, 100 conns: p99 ms",
             get: p99,
+            higher_is_better: false,
+            goal: Goal::None,
+        },
+        Metric {
+            scenario: "ws-100",
+            label: "WS echo 64 B, 100 conns: proxy CPU µs/msg",
+            get: |o| o.proxy_cpu_us,
             higher_is_better: false,
             goal: Goal::None,
         },
