@@ -19,17 +19,18 @@
 
 use std::borrow::Cow;
 
-use http::{HeaderValue, Method, Uri};
+use http::{HeaderName, HeaderValue, Method, Uri};
 use marina_config::wire::AccessMode;
 
 use crate::authenticate::cookie::CookieKeys;
 use crate::authenticate::Identity;
 use crate::error::{EdgeError, ErrorKind};
 
-/// Header Marimo uses to tie an HTTP call to a browser session.
-pub const SESSION_HEADER: &str = "marimo-session-id";
+/// Header Marimo uses to tie an HTTP call to a browser session. (A `HeaderName` rather than a
+/// `&str`: a string is parsed into a name again on every lookup.)
+pub const SESSION_HEADER: HeaderName = HeaderName::from_static("marimo-session-id");
 /// Header `/api/kernel/execute` accepts to act on a session without a socket (viewers: never).
-pub const STABLE_SESSION_HEADER: &str = "marimo-stable-session-id";
+pub const STABLE_SESSION_HEADER: HeaderName = HeaderName::from_static("marimo-stable-session-id");
 
 /// Which kind of request a rule admits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -286,25 +287,45 @@ pub fn is_marimo_sid(s: &str) -> bool {
 /// or `/api%2Fkernel%2Frun` cannot slip past the allow-list.
 fn normalized(rel: &str) -> Result<Cow<'_, str>, EdgeError> {
     let bad = || EdgeError::new(ErrorKind::DeniedPath, "path");
-    let decoded: Cow<'_, str> = if rel.contains('%') {
+    let decoded: Cow<'_, str> = if rel.as_bytes().contains(&b'%') {
         percent_encoding::percent_decode_str(rel)
             .decode_utf8()
             .map_err(|_| bad())?
     } else {
         Cow::Borrowed(rel)
     };
-    let d = decoded.as_ref();
-    if d.contains("//")
-        || d.contains("/./")
-        || d.contains("/../")
-        || d.ends_with("/.")
-        || d.ends_with("/..")
-        || d.contains('\\')
-        || d.contains('\0')
-    {
-        return Err(bad());
+    if plain_segments(decoded.as_bytes()) {
+        Ok(decoded)
+    } else {
+        Err(bad())
     }
-    Ok(decoded)
+}
+
+/// One pass over a path: no backslash or NUL anywhere, and after each `/` a segment that is
+/// neither `.` nor `..` nor empty (an empty last segment, a trailing slash, is fine).
+fn plain_segments(path: &[u8]) -> bool {
+    let segment_ok = |seg: &[u8], last: bool| match seg {
+        b"" => last,
+        b"." | b".." => false,
+        _ => true,
+    };
+    // Start of the segment after the latest `/`; the text before the first `/` is not one.
+    let mut start = None;
+    for (i, &b) in path.iter().enumerate() {
+        match b {
+            b'\\' | 0 => return false,
+            b'/' => {
+                if let Some(s) = start {
+                    if !segment_ok(&path[s..i], false) {
+                        return false;
+                    }
+                }
+                start = Some(i + 1);
+            }
+            _ => {}
+        }
+    }
+    start.is_none_or(|s| segment_ok(&path[s..], true))
 }
 
 /// Rewrites a query: `session_id` bound to the member, `access_token` dropped, `kiosk` forced to
@@ -615,6 +636,29 @@ mod tests {
             false
         )
         .is_err());
+    }
+
+    #[test]
+    fn plain_segments_refuses_dot_empty_and_escape_segments() {
+        for ok in [
+            "/",
+            "/ws",
+            "/assets/",
+            "/assets/a.js",
+            "/a/.b",
+            "/a/..b",
+            "/a/b..",
+            "/.well",
+            "/a/b/",
+        ] {
+            assert!(plain_segments(ok.as_bytes()), "{ok} should pass");
+        }
+        for bad in [
+            "//", "//a", "/a//b", "/a//", "/.", "/..", "/./a", "/../a", "/a/.", "/a/..", "/a/./b",
+            "/a/../b", "/a\\b", "/a\0b", "\\", "\0",
+        ] {
+            assert!(!plain_segments(bad.as_bytes()), "{bad:?} should be refused");
+        }
     }
 
     #[test]

@@ -202,9 +202,10 @@ pub fn parse_hex32(s: &str) -> Option<[u8; 32]> {
 }
 
 /// Does `name=value` pair `pair` (from a `Cookie` header) carry cookie `name`? Returns the value.
+/// Whitespace around names and values is ASCII (RFC 6265 §4.2.1), so the ASCII trims do.
 pub fn cookie_value<'a>(pair: &'a str, name: &str) -> Option<&'a str> {
-    let (n, v) = pair.trim().split_once('=')?;
-    (n.trim() == name).then(|| v.trim().trim_matches('"'))
+    let (n, v) = pair.split_once('=')?;
+    (n.trim_ascii() == name).then(|| v.trim_ascii().trim_matches('"'))
 }
 
 #[cfg(test)]

@@ -489,9 +489,12 @@ fn parse_head(
                 continue;
             }
             if name == header::CONTENT_LENGTH {
-                let n = std::str::from_utf8(value)
-                    .ok()
-                    .and_then(|v| v.trim().parse::<u64>().ok())
+                // 1*DIGIT (RFC 9110 §8.6): `parse` alone would also take a leading `+`.
+                let digits = value.trim_ascii();
+                let n = Some(digits)
+                    .filter(|d| !d.is_empty() && d.iter().all(u8::is_ascii_digit))
+                    .and_then(|d| std::str::from_utf8(d).ok())
+                    .and_then(|d| d.parse::<u64>().ok())
                     .ok_or(ProtoError("content-length"))?;
                 match length {
                     Some(m) if m != n => return Err(ProtoError("conflicting content-length")),
@@ -898,6 +901,9 @@ mod tests {
         for bad in [
             &b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"[..],
             b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: +1\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1 1\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: \r\n\r\n",
             b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
             b"HTTP/1.1 2000 OK\r\n\r\n",
             b"NOT HTTP\r\n\r\n",

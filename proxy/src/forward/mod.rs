@@ -140,11 +140,12 @@ pub fn for_each_kept_cookie(headers: &HeaderMap, names: &[&str], mut f: impl FnM
     for v in headers.get_all(header::COOKIE) {
         let Ok(v) = v.to_str() else { continue };
         for pair in v.split(';') {
-            let pair = pair.trim();
+            // Cookie whitespace is ASCII (RFC 6265 §4.2.1).
+            let pair = pair.trim_ascii();
             if pair.is_empty() {
                 continue;
             }
-            let name = pair.split('=').next().unwrap_or("").trim();
+            let name = pair.split_once('=').map_or(pair, |(n, _)| n).trim_ascii();
             if !names.contains(&name) {
                 f(pair);
             }
