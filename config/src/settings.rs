@@ -204,9 +204,14 @@ pub struct ProxySettings {
     /// Origins allowed to embed notebooks (`Content-Security-Policy: frame-ancestors`).
     /// Empty: the control plane's public URL (where the example host page is).
     pub frame_ancestors: Vec<String>,
-    /// Base URL of the control plane's internal API (routes feed, activity, replay). Empty in
-    /// `marina serve`: the control plane of the same process.
+    /// Base URL of the control plane's internal API (routes feed, activity, replay): `http://`
+    /// on a private network, or `https://` (server certificate checked against the system's
+    /// roots, or `control_ca_file`). Empty in `marina serve`: the control plane of the same
+    /// process.
     pub control_url: String,
+    /// PEM file of the certificate authorities trusted for an `https://` `control_url`, instead
+    /// of the system's (a private CA). Unset: the system's roots.
+    pub control_ca_file: Option<PathBuf>,
     /// A static routes file (JSON `RoutesSnapshot`) instead of the control plane's feed.
     pub routes_file: Option<PathBuf>,
     /// Where one-time URL tokens are remembered: `memory` (default) or `control`.
@@ -235,6 +240,7 @@ impl Default for ProxySettings {
             handshake_path: "/_auth".into(),
             frame_ancestors: Vec::new(),
             control_url: String::new(),
+            control_ca_file: None,
             routes_file: None,
             replay_store: ReplayStore::Memory,
             edge_id: String::new(),
@@ -455,6 +461,19 @@ impl Settings {
         if self.proxy.cookie.lifetime_seconds == 0 {
             return bad("proxy.cookie.lifetime_seconds", "must be positive");
         }
+        let control = &self.proxy.control_url;
+        if !control.is_empty()
+            && !control.starts_with("http://")
+            && !control.starts_with("https://")
+        {
+            return bad("proxy.control_url", "must be an http:// or https:// URL");
+        }
+        if self.proxy.control_ca_file.is_some() && !control.starts_with("https://") {
+            return bad(
+                "proxy.control_ca_file",
+                "only applies to an https:// proxy.control_url",
+            );
+        }
         if self.proxy.activity_interval_ms < 100 {
             return bad("proxy.activity_interval_ms", "must be at least 100");
         }
@@ -647,6 +666,26 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("proxy.cookie.same_site"), "{err}");
+        let flags = Serialized::default("proxy.control_url", "ftp://control:8080");
+        let err = Settings::load_with_env(None, Figment::new(), flags)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("proxy.control_url"), "{err}");
+        let flags = Figment::from(Serialized::default(
+            "proxy.control_url",
+            "http://control:8080",
+        ))
+        .merge(Serialized::default("proxy.control_ca_file", "/etc/ca.pem"));
+        let err = Settings::load_with_env(None, Figment::new(), flags)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("proxy.control_ca_file"), "{err}");
+        let flags = Figment::from(Serialized::default(
+            "proxy.control_url",
+            "https://control:8443",
+        ))
+        .merge(Serialized::default("proxy.control_ca_file", "/etc/ca.pem"));
+        assert!(Settings::load_with_env(None, Figment::new(), flags).is_ok());
     }
 
     #[test]

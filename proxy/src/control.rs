@@ -1,11 +1,14 @@
 //! The edge's client for the control plane's internal API (`/internal/v1/*`): the routes feed,
 //! activity batches and, with the shared replay store, token redemption. Never used per request.
 
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -26,7 +29,8 @@ pub enum ControlError {
 
 #[derive(Clone)]
 pub struct ControlClient {
-    client: Client<HttpConnector, Full<Bytes>>,
+    /// Speaks `http://` and `https://`; which one is fixed by `base` (checked in `new`).
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     base: String,
     auth: HeaderValue,
 }
@@ -34,12 +38,19 @@ pub struct ControlClient {
 // === impl ControlClient ===
 
 impl ControlClient {
-    /// `control_url` is `http://host:port[/prefix]`; the token is sent as a Bearer credential.
-    pub fn new(control_url: &str, token: &str) -> Result<ControlClient, ProxyError> {
+    /// `control_url` is `http://host:port[/prefix]` (a private network) or `https://…`, whose
+    /// certificate is checked against the CAs in `ca_file` if given, else the system's roots.
+    /// The token is sent as a Bearer credential.
+    pub fn new(
+        control_url: &str,
+        ca_file: Option<&Path>,
+        token: &str,
+    ) -> Result<ControlClient, ProxyError> {
         let base = control_url.trim_end_matches('/').to_owned();
-        if !base.starts_with("http://") {
+        let https = base.starts_with("https://");
+        if !https && !base.starts_with("http://") {
             return Err(ProxyError::Config(
-                "proxy.control_url must be an http:// URL (the internal API is meant for a private network)".into(),
+                "proxy.control_url must be an http:// or https:// URL".into(),
             ));
         }
         let mut auth = HeaderValue::try_from(format!("Bearer {token}"))
@@ -48,9 +59,18 @@ impl ControlClient {
         let mut http = HttpConnector::new();
         http.set_connect_timeout(Some(Duration::from_secs(3)));
         http.set_nodelay(true);
+        // The scheme of each request decides, and every request carries `base`'s scheme: an
+        // https control plane is never spoken to in clear text.
+        http.enforce_http(false);
+        let tls = client_tls(https.then_some(ca_file).flatten())?;
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
-            .build(http);
+            .build(connector);
         Ok(ControlClient { client, base, auth })
     }
 
@@ -114,7 +134,7 @@ impl ControlClient {
                 .client
                 .request(req)
                 .await
-                .map_err(|e| ControlError::Unreachable(e.to_string()))?;
+                .map_err(|e| ControlError::Unreachable(causes(&e)))?;
             let status = resp.status();
             let body = Limited::new(resp.into_body(), MAX_ANSWER)
                 .collect()
@@ -127,4 +147,57 @@ impl ControlClient {
             .await
             .map_err(|_| ControlError::Timeout)?
     }
+}
+
+/// The TLS client configuration: the CAs of `ca_file` when given, else the system's roots.
+fn client_tls(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, ProxyError> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            let file_err = |source| ProxyError::File {
+                what: "proxy.control_ca_file",
+                path: path.to_path_buf(),
+                source,
+            };
+            let pem = std::fs::read(path).map_err(file_err)?;
+            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+                roots
+                    .add(cert.map_err(file_err)?)
+                    .map_err(|e| ProxyError::Tls(format!("proxy.control_ca_file: {e}")))?;
+            }
+            if roots.is_empty() {
+                return Err(ProxyError::Tls(format!(
+                    "proxy.control_ca_file: no certificate in {}",
+                    path.display()
+                )));
+            }
+        }
+        None => {
+            // Unreadable system certificates are skipped; none at all only fails at connect.
+            let found = rustls_native_certs::load_native_certs();
+            roots.add_parsable_certificates(found.certs);
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ProxyError::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+/// An error with its causes (`client error (Connect): invalid peer certificate: UnknownIssuer`
+/// rather than `client error (Connect)`), so a misconfigured CA is plain in the edge's log.
+fn causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = cause.source();
+    }
+    out
 }

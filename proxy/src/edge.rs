@@ -134,6 +134,7 @@ impl Edge {
         } else {
             Some(ControlClient::new(
                 &p.control_url,
+                p.control_ca_file.as_deref(),
                 &ControlClient::internal_token(settings)?,
             )?)
         };

@@ -682,38 +682,6 @@ async fn subdomain_mode_routes_by_host() {
 
 // --- TLS ----------------------------------------------------------------------------------
 
-fn openssl_cert(dir: &std::path::Path, cn: &str) {
-    let ok = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-        ])
-        .arg("-keyout")
-        .arg(dir.join("key.pem.new"))
-        .arg("-out")
-        .arg(dir.join("cert.pem.new"))
-        .args([
-            "-subj",
-            &format!("/CN={cn}"),
-            "-days",
-            "1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-        ])
-        .stderr(std::process::Stdio::null())
-        .status()
-        .expect("openssl");
-    assert!(ok.success());
-    // Key first, then certificate, each by rename (how a certificate manager would do it).
-    std::fs::rename(dir.join("key.pem.new"), dir.join("key.pem")).unwrap();
-    std::fs::rename(dir.join("cert.pem.new"), dir.join("cert.pem")).unwrap();
-}
-
 /// Accepts any server certificate: this test checks which certificate is served, not trust.
 #[derive(Debug)]
 struct AnyCert(Arc<rustls::crypto::CryptoProvider>);
@@ -791,7 +759,7 @@ fn pem_der(path: &std::path::Path) -> Vec<u8> {
 #[tokio::test]
 async fn tls_with_h2_and_certificate_reload() {
     let dir = tempfile::tempdir().unwrap();
-    openssl_cert(dir.path(), "first");
+    self_signed_cert(dir.path(), "first");
     let keys = Keys::generate();
     let up = FakeUpstream::start().await;
     let r = route(NB, "SESSION001", up.addr, id(OWNER), &[]);
@@ -828,7 +796,7 @@ async fn tls_with_h2_and_certificate_reload() {
     assert!(sc.contains("; Secure"), "{sc}");
 
     // Renew the certificate on disk: new connections get it, without a restart.
-    openssl_cert(dir.path(), "second");
+    self_signed_cert(dir.path(), "second");
     let renewed = pem_der(&dir.path().join("cert.pem"));
     assert_ne!(renewed, cert);
     let mut served = Vec::new();

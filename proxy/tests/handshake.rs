@@ -352,6 +352,48 @@ async fn replay_is_refused_across_replicas_with_the_control_store() {
     b.stop().await;
 }
 
+/// The internal API over https: two replicas share the replay store through a control plane
+/// whose certificate a private CA signed (`proxy.control_ca_file`); an edge that does not trust
+/// that CA never talks to it, and fails closed.
+#[tokio::test]
+async fn replay_store_over_https_needs_a_trusted_control_plane() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = private_ca(dir.path());
+    let keys = Keys::generate();
+    let up = FakeUpstream::start().await;
+    let control = FakeControl::start_tls(&cert, &key).await;
+    assert!(control.url.starts_with("https://"));
+    let r = route(NB, "SESSION001", up.addr, id(OWNER), &[]);
+    let opts = |ca: Option<&std::path::Path>| EdgeOptions {
+        replay: ReplayStore::Control,
+        control_url: control.url.clone(),
+        control_ca_file: ca.map(|p| p.to_path_buf()),
+        ..EdgeOptions::default()
+    };
+    let a = TestEdge::start(&keys, std::slice::from_ref(&r), opts(Some(&ca))).await;
+    let b = TestEdge::start(&keys, std::slice::from_ref(&r), opts(Some(&ca))).await;
+    let token = keys.sign(&claims(&r, id(OWNER), AccessMode::Edit));
+    assert_eq!(handshake(&a, id(NB), &token).await.status(), 303);
+    assert_eq!(
+        handshake(&b, id(NB), &token).await.status(),
+        409,
+        "second replica, over https"
+    );
+    // Activity batches travel the same way.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(!control.activity.lock().unwrap().is_empty());
+    a.stop().await;
+    b.stop().await;
+
+    // With the system's roots only, the private CA is not trusted: no redemption, no cookie.
+    let untrusting = TestEdge::start(&keys, std::slice::from_ref(&r), opts(None)).await;
+    let fresh = keys.sign(&claims(&r, id(OWNER), AccessMode::Edit));
+    let resp = handshake(&untrusting, id(NB), &fresh).await;
+    assert_eq!(resp.status(), 502);
+    assert!(resp.headers().get("set-cookie").is_none());
+    untrusting.stop().await;
+}
+
 #[tokio::test]
 async fn control_store_down_fails_closed() {
     let keys = Keys::generate();

@@ -109,6 +109,8 @@ pub fn claims(route: &Route, member: Id, mode: AccessMode) -> UrlClaims {
 pub struct EdgeOptions {
     pub replay: ReplayStore,
     pub control_url: String,
+    /// `proxy.control_ca_file`.
+    pub control_ca_file: Option<PathBuf>,
     pub data_dir: Option<PathBuf>,
     pub interactive_viewers: bool,
     pub cookie_key: String,
@@ -130,6 +132,7 @@ impl Default for EdgeOptions {
         EdgeOptions {
             replay: ReplayStore::Memory,
             control_url: String::new(),
+            control_ca_file: None,
             data_dir: None,
             interactive_viewers: false,
             cookie_key: "11".repeat(32),
@@ -202,6 +205,7 @@ impl TestEdge {
         s.proxy.frame_ancestors = vec!["https://host.example".into()];
         s.proxy.routes_file = (!opts.control_routes).then(|| routes_file.clone());
         s.proxy.control_url = opts.control_url.clone();
+        s.proxy.control_ca_file = opts.control_ca_file.clone();
         s.proxy.replay_store = opts.replay;
         s.proxy.interactive_viewers = opts.interactive_viewers;
         s.proxy.cookie.keys = vec![opts.cookie_key.clone()];
@@ -447,8 +451,32 @@ pub struct FakeControl {
 
 impl FakeControl {
     pub async fn start() -> FakeControl {
+        Self::serve(None).await
+    }
+
+    /// The same over TLS, with this certificate chain and key (PEM files).
+    pub async fn start_tls(cert: &Path, key: &Path) -> FakeControl {
+        let certs = rustls_pemfile::certs(&mut std::fs::read(cert).unwrap().as_slice())
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = rustls_pemfile::private_key(&mut std::fs::read(key).unwrap().as_slice())
+            .unwrap()
+            .unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+        Self::serve(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))).await
+    }
+
+    async fn serve(tls: Option<tokio_rustls::TlsAcceptor>) -> FakeControl {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let used: Arc<Mutex<HashSet<String>>> = Arc::default();
         let activity: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
         let routes: Arc<Mutex<RoutesSnapshot>> = Arc::default();
@@ -459,6 +487,7 @@ impl FakeControl {
                     return;
                 };
                 let (used, activity, routes) = (used.clone(), act2.clone(), routes2.clone());
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
                         let (used, activity, routes) =
@@ -469,14 +498,24 @@ impl FakeControl {
                             )
                         }
                     });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                    let builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    match tls {
+                        None => {
+                            let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+                        }
+                        Some(acceptor) => {
+                            // A client that does not trust the certificate gives up here.
+                            if let Ok(s) = acceptor.accept(stream).await {
+                                let _ = builder.serve_connection(TokioIo::new(s), svc).await;
+                            }
+                        }
+                    }
                 });
             }
         });
         FakeControl {
-            url: format!("http://{addr}"),
+            url: format!("{scheme}://{addr}"),
             activity,
             routes,
             task,
@@ -563,4 +602,113 @@ impl std::io::Write for LogWriter {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
+}
+
+/// Runs the openssl command line; panics with its output if it fails.
+fn openssl(args: &[&str], dir: &Path) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A self-signed certificate for 127.0.0.1 (`cert.pem`, `key.pem` in `dir`), each file written
+/// by rename, key first (as a certificate manager would).
+pub fn self_signed_cert(dir: &Path, cn: &str) {
+    openssl(
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "key.pem.new",
+            "-out",
+            "cert.pem.new",
+            "-subj",
+            &format!("/CN={cn}"),
+            "-days",
+            "1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        dir,
+    );
+    std::fs::rename(dir.join("key.pem.new"), dir.join("key.pem")).unwrap();
+    std::fs::rename(dir.join("cert.pem.new"), dir.join("cert.pem")).unwrap();
+}
+
+/// A private certificate authority and a server certificate for 127.0.0.1 it signed, in `dir`:
+/// `ca.pem`, and `server.pem` with its key `server.key`.
+pub fn private_ca(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend(ec);
+    ca.extend([
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-subj",
+        "/CN=marina-test-ca",
+        "-days",
+        "1",
+    ]);
+    openssl(&ca, dir);
+    let mut csr = vec!["req"];
+    csr.extend(ec);
+    csr.extend([
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    openssl(&csr, dir);
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    openssl(
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "1",
+            "-extfile",
+            "server.ext",
+        ],
+        dir,
+    );
+    (
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server.key"),
+    )
 }
