@@ -296,7 +296,10 @@ impl Edge {
         builder
             .http2()
             .timer(TokioTimer::new())
-            .keep_alive_interval(Some(Duration::from_secs(30)));
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            // WebSockets over HTTP/2 (RFC 8441): browsers then open them on the page's
+            // connection instead of a new HTTP/1.1 one.
+            .enable_connect_protocol();
         let graceful = GracefulShutdown::new();
         tokio::pin!(shutdown);
         loop {
@@ -508,8 +511,14 @@ async fn pipeline(
     ctx.identity = Some(identity);
 
     // Phase 3: authorize.
-    let upgrade = ws::is_upgrade(req.headers());
+    let handshake = ws::handshake_kind(&req);
+    let upgrade = handshake.is_some();
     let (mut parts, body) = req.into_parts();
+    if handshake == Some(ws::Handshake::ExtendedConnect) {
+        // RFC 8441 §4: HTTP/2's form of the `GET` upgrade. From here on it is that `GET`, so
+        // authorize judges both forms by the same rules.
+        parts.method = http::Method::GET;
+    }
     let decision = shared.policy.authorize(
         &shared.auth.keys,
         &identity,
@@ -573,7 +582,8 @@ async fn pipeline(
             metrics: shared.metrics,
             config: shared.ws,
         };
-        let mut resp = ws::upgrade(&route, pq, &parts.headers, on_upgrade, relay).await?;
+        let kind = handshake.unwrap_or(ws::Handshake::Upgrade);
+        let mut resp = ws::upgrade(&route, pq, &parts.headers, kind, on_upgrade, relay).await?;
         resp.headers_mut().insert(
             header::CONTENT_SECURITY_POLICY,
             shared.forwarder.csp.clone(),

@@ -9,7 +9,9 @@
 //! and one task.
 //!
 //! The edge owns the upstream TCP connection and writes the HTTP/1.1 upgrade request itself
-//! (no WebSocket library, no extensions negotiated: frames pass through unchanged). It parses
+//! (no WebSocket library, no extensions negotiated: frames pass through unchanged). Browsers
+//! reach it either way: an HTTP/1.1 `Upgrade`, or on HTTP/2 an extended `CONNECT` (RFC 8441)
+//! whose stream then carries the same frames; the upstream leg is HTTP/1.1 in both cases. It parses
 //! frame *headers* as bytes stream past, never payloads, to
 //! - count browser → notebook data messages as activity (not pings/pongs),
 //! - enforce `proxy.max_ws_message_bytes` (close 1009),
@@ -25,6 +27,7 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 use hyper::upgrade::OnUpgrade;
@@ -83,12 +86,31 @@ pub struct WsConfig {
     pub response_timeout: Duration,
 }
 
-/// Is this request a WebSocket upgrade?
-pub fn is_upgrade(headers: &HeaderMap) -> bool {
-    headers
+/// How a browser asks for a WebSocket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Handshake {
+    /// HTTP/1.1: `GET` with `Upgrade: websocket`; answered `101`.
+    Upgrade,
+    /// HTTP/2 (RFC 8441): `CONNECT` with `:protocol = websocket` on one stream of a shared
+    /// connection; answered `200`, with no `Sec-WebSocket-Key`/`-Accept` pair.
+    ExtendedConnect,
+}
+
+/// Is this request a WebSocket handshake, and of which kind?
+pub fn handshake_kind<B>(req: &http::Request<B>) -> Option<Handshake> {
+    if req.version() == http::Version::HTTP_2 {
+        let websocket = req
+            .extensions()
+            .get::<hyper::ext::Protocol>()
+            .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"));
+        return (req.method() == http::Method::CONNECT && websocket)
+            .then_some(Handshake::ExtendedConnect);
+    }
+    req.headers()
         .get(header::UPGRADE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+        .then_some(Handshake::Upgrade)
 }
 
 /// Checks `Origin` against the notebook's own origin: Marimo does not, and without it any site
@@ -113,10 +135,14 @@ pub struct RelayCtx {
 
 /// Performs the upgrade with the upstream, answers the browser's upgrade, and spawns the relay.
 /// `headers` are already rewritten for the upstream (credentials stripped, Marimo token added).
+///
+/// The upstream is always asked over HTTP/1.1. An HTTP/2 browser (`ExtendedConnect`) sent no
+/// `Sec-WebSocket-Key`, so the edge makes one and checks the upstream's answer to it itself.
 pub async fn upgrade(
     route: &RouteEntry,
     path_and_query: &str,
     headers: &HeaderMap,
+    kind: Handshake,
     on_upgrade: OnUpgrade,
     ctx: RelayCtx,
 ) -> Result<Response<EdgeBody>, EdgeError> {
@@ -142,15 +168,23 @@ pub async fn upgrade(
     req.extend_from_slice(b"GET ");
     req.extend_from_slice(path_and_query.as_bytes());
     req.extend_from_slice(b" HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n");
+    let own_key = (kind == Handshake::ExtendedConnect).then(new_key);
     for (name, value) in headers {
         // Extensions are not negotiated: the relay passes frames through unchanged and
-        // compressed payloads would hide message sizes.
-        if name == header::SEC_WEBSOCKET_EXTENSIONS {
+        // compressed payloads would hide message sizes. The key is the edge's own over HTTP/2.
+        if name == header::SEC_WEBSOCKET_EXTENSIONS
+            || (own_key.is_some() && name == header::SEC_WEBSOCKET_KEY)
+        {
             continue;
         }
         req.extend_from_slice(name.as_str().as_bytes());
         req.extend_from_slice(b": ");
         req.extend_from_slice(value.as_bytes());
+        req.extend_from_slice(b"\r\n");
+    }
+    if let Some(key) = &own_key {
+        req.extend_from_slice(b"sec-websocket-key: ");
+        req.extend_from_slice(key.as_bytes());
         req.extend_from_slice(b"\r\n");
     }
     req.extend_from_slice(b"\r\n");
@@ -214,12 +248,33 @@ pub async fn upgrade(
         return Ok(r);
     }
     let mut out = Response::new(EdgeBody::empty());
-    *out.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    match &own_key {
+        None => {
+            *out.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            let h = out.headers_mut();
+            h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+            h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        }
+        Some(key) => {
+            // RFC 8441 §5: a 2xx opens the stream. The browser cannot check the upstream's
+            // `Sec-WebSocket-Accept` (it never saw a key), so the edge does.
+            let accept = resp
+                .headers
+                .iter()
+                .find(|ph| ph.name.eq_ignore_ascii_case("sec-websocket-accept"))
+                .map(|ph| ph.value);
+            if accept != Some(accept_for(key).as_bytes()) {
+                return Err(EdgeError::new(
+                    ErrorKind::UpstreamProtocol,
+                    "websocket accept",
+                ));
+            }
+            *out.status_mut() = StatusCode::OK;
+        }
+    }
     let h = out.headers_mut();
-    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     for ph in resp.headers.iter() {
-        let keep = ph.name.eq_ignore_ascii_case("sec-websocket-accept")
+        let keep = (own_key.is_none() && ph.name.eq_ignore_ascii_case("sec-websocket-accept"))
             || ph.name.eq_ignore_ascii_case("sec-websocket-protocol");
         if keep {
             if let (Ok(n), Ok(v)) = (
@@ -243,6 +298,19 @@ pub async fn upgrade(
         }
     });
     Ok(out)
+}
+
+/// A fresh `Sec-WebSocket-Key`: 16 random bytes, base64 (RFC 6455 §4.1).
+fn new_key() -> String {
+    base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 16]>())
+}
+
+/// The `Sec-WebSocket-Accept` a server must answer to `key` (RFC 6455 §4.2.2).
+fn accept_for(key: &str) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY);
+    ctx.update(key.as_bytes());
+    ctx.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+    base64::engine::general_purpose::STANDARD.encode(ctx.finish().as_ref())
 }
 
 fn find_head_end(b: &[u8]) -> Option<usize> {
@@ -814,6 +882,17 @@ mod tests {
         }
         v.extend(std::iter::repeat_n(b'x', len));
         v
+    }
+
+    #[test]
+    fn accept_matches_the_rfc_example() {
+        // RFC 6455 §1.3.
+        assert_eq!(
+            accept_for("dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+        assert_eq!(new_key().len(), 24);
+        assert_ne!(new_key(), new_key());
     }
 
     #[test]

@@ -462,6 +462,108 @@ async fn websocket_relays_big_messages_and_checks_origin() {
     w.edge.stop().await;
 }
 
+/// An extended CONNECT (RFC 8441) on an HTTP/2 connection to the edge: `status`, and the
+/// stream when it opened.
+async fn h2_ws_connect(
+    sender: &mut hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    edge: &TestEdge,
+    path_and_query: &str,
+    cookie: &str,
+    origin: &str,
+) -> (http::StatusCode, Option<hyper::upgrade::Upgraded>) {
+    let mut req = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(edge.url(path_and_query))
+        .header("cookie", cookie)
+        .header("origin", origin)
+        .header("sec-websocket-version", "13")
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    req.extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("websocket"));
+    let resp = sender.send_request(req).await.unwrap();
+    let status = resp.status();
+    if !status.is_success() {
+        return (status, None);
+    }
+    (status, Some(hyper::upgrade::on(resp).await.unwrap()))
+}
+
+#[tokio::test]
+async fn websocket_over_http2_extended_connect() {
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    let w = ws_world(EdgeOptions::default()).await;
+    let owner = login(&w.edge, &w.keys, &w.route, id(OWNER), AccessMode::Edit).await;
+    let viewer = login(&w.edge, &w.keys, &w.route, id(VIEWER), AccessMode::View).await;
+    let stream = TcpStream::connect(w.edge.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    // One ordinary request first (the edge answers it itself: no such notebook), so that the
+    // edge's SETTINGS, with ENABLE_CONNECT_PROTOCOL, have arrived.
+    let req = http::Request::get(w.edge.url("/notebooks/UNKNOWN001/"))
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    assert_eq!(sender.send_request(req).await.unwrap().status(), 404);
+
+    // Another origin, or a viewer asking for a mutating socket: refused, nothing upstream.
+    let ws = "/notebooks/NOTEBOOK01/ws?session_id=s_aaaaaa";
+    let (status, _) = h2_ws_connect(&mut sender, &w.edge, ws, &owner, "https://evil.example").await;
+    assert_eq!(status, 403);
+    let term = "/notebooks/NOTEBOOK01/terminal/ws";
+    let (status, _) = h2_ws_connect(&mut sender, &w.edge, term, &viewer, &w.edge.origin()).await;
+    assert_eq!(status, 403);
+    assert!(w.up.uris.lock().unwrap().is_empty());
+
+    // The owner's socket, on the same connection as the page.
+    let (status, stream) = h2_ws_connect(&mut sender, &w.edge, ws, &owner, &w.edge.origin()).await;
+    assert_eq!(status, 200);
+    let mut sock = tokio_tungstenite::WebSocketStream::from_raw_socket(
+        hyper_util::rt::TokioIo::new(stream.unwrap()),
+        Role::Client,
+        None,
+    )
+    .await;
+    let seen = w.up.uris.lock().unwrap()[0].clone();
+    assert!(seen.starts_with("/notebooks/NOTEBOOK01/ws?"), "{seen}");
+    assert!(!seen.contains("s_aaaaaa"), "session id bound: {seen}");
+    let lower = seen.to_ascii_lowercase();
+    assert!(lower.contains("authorization: bearer marimo-upstream-secret"));
+    assert!(lower.contains("sec-websocket-key: "), "the edge's own key");
+    // HTTP/1.1 needs a Host: HTTP/2's `:authority` becomes it (Marimo answers 400 without).
+    assert!(
+        lower.contains(&format!("\r\nhost: {}\r\n", w.edge.addr)),
+        "{seen}"
+    );
+    assert!(
+        !seen.contains(owner.split('=').nth(1).unwrap()),
+        "edge cookie stripped"
+    );
+    sock.send(Message::text("echo:over h2")).await.unwrap();
+    assert_eq!(
+        sock.next().await.unwrap().unwrap(),
+        Message::text("over h2")
+    );
+    let one_mb = 1024 * 1024;
+    sock.send(Message::text(format!("big:{one_mb}")))
+        .await
+        .unwrap();
+    match sock.next().await.unwrap().unwrap() {
+        Message::Text(t) => assert_eq!(t.len(), one_mb),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(w.edge.metrics.websockets_open.get(), 1);
+    sock.close(None).await.unwrap();
+    while sock.next().await.is_some() {}
+    wait(|| w.edge.metrics.websockets_open.get() == 0).await;
+    assert_eq!(*w.up.closes_seen.lock().unwrap(), 1);
+    w.edge.stop().await;
+}
+
 #[tokio::test]
 async fn websocket_message_limit_closes_with_1009() {
     let w = ws_world(EdgeOptions {
