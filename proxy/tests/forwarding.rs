@@ -223,6 +223,77 @@ async fn viewer_policy_end_to_end_and_upstream_never_sees_denials() {
     edge.stop().await;
 }
 
+/// Shutdown drains: an idle keep-alive connection is closed at once, a response in flight is
+/// finished (the edge keeps running for it), nothing new is accepted, and the edge is done as
+/// soon as its last connection is, long before the grace period.
+#[tokio::test]
+async fn shutdown_finishes_requests_in_flight_then_stops() {
+    let keys = Keys::generate();
+    let up = raw_upstream().await;
+    let r = route(NB, "SESSION001", up.addr, id(OWNER), &[]);
+    let mut edge = TestEdge::start(
+        &keys,
+        std::slice::from_ref(&r),
+        EdgeOptions {
+            shutdown_grace_seconds: 60,
+            // Idle keep-alive connections would otherwise end by this timeout on their own.
+            header_read_ms: 60_000,
+            ..EdgeOptions::default()
+        },
+    )
+    .await;
+    let owner = login(&edge, &keys, &r, id(OWNER), AccessMode::Edit).await;
+    let get = |path: &str| {
+        format!(
+            "GET /notebooks/{NB}{path} HTTP/1.1\r\nHost: {}\r\nCookie: {owner}\r\n\r\n",
+            edge.addr
+        )
+    };
+    // An idle keep-alive connection: one answered request, then nothing.
+    let mut idle = TcpStream::connect(edge.addr).await.unwrap();
+    idle.write_all(get("/api/version").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = idle.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    // An event stream in flight: its first event is here; the upstream holds the rest.
+    let mut streaming = TcpStream::connect(edge.addr).await.unwrap();
+    streaming.write_all(get("/sse").as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    while !String::from_utf8_lossy(&got).contains("data: 0") {
+        let n = streaming.read(&mut buf).await.unwrap();
+        assert!(n > 0, "stream ended early");
+        got.extend_from_slice(&buf[..n]);
+    }
+
+    edge.begin_stop();
+    // The idle connection is closed by the edge.
+    let n = tokio::time::timeout(Duration::from_secs(10), idle.read(&mut buf))
+        .await
+        .expect("idle connection closed on shutdown")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "{:?}", String::from_utf8_lossy(&buf[..n]));
+    // Nothing new is accepted; the edge waits for the stream still in flight.
+    assert!(TcpStream::connect(edge.addr).await.is_err());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!edge.is_stopped(), "stopped with a response in flight");
+    up.release.notify_one();
+    loop {
+        let n = streaming.read(&mut buf).await.unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        text.contains("data: 1") && text.ends_with("0\r\n\r\n"),
+        "{text}"
+    );
+    assert!(edge.stopped_within(Duration::from_secs(20)).await);
+}
+
 // --- WebSocket -----------------------------------------------------------------------------
 
 /// A minimal raw WebSocket server standing in for Marimo: on text `big:N` it sends an N-byte

@@ -123,6 +123,10 @@ pub struct EdgeOptions {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// `proxy.timeouts.websocket_ping_seconds` / `websocket_idle_seconds`.
     pub ws_ping_idle: (u64, u64),
+    /// `proxy.timeouts.shutdown_grace_seconds`.
+    pub shutdown_grace_seconds: u64,
+    /// `proxy.timeouts.header_read_ms` (also how long an idle keep-alive connection stays).
+    pub header_read_ms: u64,
     /// `proxy.timeouts.upstream_response_ms`.
     pub upstream_response_ms: u64,
 }
@@ -141,6 +145,8 @@ impl Default for EdgeOptions {
             subdomain: false,
             tls: None,
             ws_ping_idle: (30, 90),
+            shutdown_grace_seconds: 3,
+            header_read_ms: 1500,
             upstream_response_ms: 60_000,
         }
     }
@@ -211,8 +217,8 @@ impl TestEdge {
         s.proxy.cookie.keys = vec![opts.cookie_key.clone()];
         s.proxy.max_ws_message_bytes = opts.max_ws_message_bytes;
         s.proxy.activity_interval_ms = 200;
-        s.proxy.timeouts.shutdown_grace_seconds = 3;
-        s.proxy.timeouts.header_read_ms = 1500;
+        s.proxy.timeouts.shutdown_grace_seconds = opts.shutdown_grace_seconds;
+        s.proxy.timeouts.header_read_ms = opts.header_read_ms;
         s.proxy.timeouts.upstream_response_ms = opts.upstream_response_ms;
         s.proxy.timeouts.websocket_ping_seconds = opts.ws_ping_idle.0;
         s.proxy.timeouts.websocket_idle_seconds = opts.ws_ping_idle.1;
@@ -250,6 +256,26 @@ impl TestEdge {
 
     pub fn origin(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Starts the edge's shutdown without waiting for it.
+    pub fn begin_stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Whether the edge's `serve` has returned.
+    pub fn is_stopped(&self) -> bool {
+        self.task.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    /// Whether the edge's `serve` returned within `d` (after `begin_stop`).
+    pub async fn stopped_within(mut self, d: Duration) -> bool {
+        match self.task.take() {
+            Some(t) => tokio::time::timeout(d, t).await.is_ok(),
+            None => true,
+        }
     }
 
     pub async fn stop(mut self) {
