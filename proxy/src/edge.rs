@@ -14,7 +14,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulConnection;
+use hyper_util::server::graceful::GracefulShutdown;
 use marina_config::settings::ReplayStore as ReplayChoice;
 use marina_config::Settings;
 use tokio::net::TcpListener;
@@ -33,7 +33,6 @@ use crate::error::{respond, EdgeError, ErrorKind, ProxyError};
 use crate::forward::{rewrite_request_headers, Affinity, ForwardInfo, Forwarder, RequestId};
 use crate::metrics::Metrics;
 use crate::route::{locate, RouteEntry, RouteTable, Target};
-use crate::signal::{Signal, Subscriber};
 use crate::ws::{self, RelayCtx, WsConfig};
 
 /// Everything a request needs, shared by all connections (immutable or internally lock-free).
@@ -45,9 +44,9 @@ struct Shared {
     forwarder: Forwarder,
     ws: WsConfig,
     metrics: &'static Metrics,
-    /// Raised on shutdown; every open WebSocket holds a subscriber, so `all_gone()` tells when
-    /// the last one has closed.
-    ws_shutdown: Signal,
+    /// Flipped on shutdown; every open WebSocket holds a receiver, so `closed()` on the sender
+    /// tells when the last one is gone.
+    ws_shutdown: watch::Sender<bool>,
     /// `https` behind TLS or when the public URL says so (TLS terminated in front).
     proto: &'static str,
     request_ids: AtomicU64,
@@ -210,7 +209,7 @@ impl Edge {
                 response_timeout: Duration::from_millis(t.upstream_response_ms),
             },
             metrics,
-            ws_shutdown: Signal::new(),
+            ws_shutdown: watch::channel(false).0,
             proto: if tls.is_some() || settings.proxy_is_https() {
                 "https"
             } else {
@@ -301,8 +300,7 @@ impl Edge {
             // WebSockets over HTTP/2 (RFC 8441): browsers then open them on the page's
             // connection instead of a new HTTP/1.1 one.
             .enable_connect_protocol();
-        // Raised on shutdown: each connection then finishes its requests and closes.
-        let drain = Signal::new();
+        let graceful = GracefulShutdown::new();
         tokio::pin!(shutdown);
         loop {
             let (stream, peer) = tokio::select! {
@@ -326,7 +324,7 @@ impl Edge {
             });
             let service = service_fn(move |req| handle(shared.clone(), downstream.clone(), req));
             let builder = builder.clone();
-            let watcher = drain.subscribe();
+            let watcher = graceful.watcher();
             match &acceptor {
                 None => {
                     let first_byte_timeout = self.header_read;
@@ -343,7 +341,7 @@ impl Edge {
                         let conn = builder
                             .serve_connection_with_upgrades(TokioIo::new(stream), service)
                             .into_owned();
-                        serve_until_drained(conn, watcher).await;
+                        let _ = watcher.watch(conn).await;
                     });
                 }
                 Some(acc) => {
@@ -367,18 +365,17 @@ impl Edge {
                         let conn = builder
                             .serve_connection_with_upgrades(TokioIo::new(tls), service)
                             .into_owned();
-                        serve_until_drained(conn, watcher).await;
+                        let _ = watcher.watch(conn).await;
                     });
                 }
             }
         }
         drop(listener);
         tracing::info!("edge draining");
-        drain.raise();
-        shared.ws_shutdown.raise();
+        let _ = shared.ws_shutdown.send(true);
         let drained = tokio::time::timeout(self.grace, async {
-            drain.all_gone().await;
-            shared.ws_shutdown.all_gone().await;
+            graceful.shutdown().await;
+            shared.ws_shutdown.closed().await;
         })
         .await;
         if drained.is_err() {
@@ -391,22 +388,6 @@ impl Edge {
         }
         Ok(())
     }
-}
-
-/// Serves one browser connection; once `drain` fires, asks it to finish gracefully (hyper
-/// answers the requests in flight, reads no new ones and closes idle keep-alive connections).
-/// The subscriber is dropped when the connection ends, which is what the drain waits for.
-async fn serve_until_drained<C: GracefulConnection>(conn: C, mut drain: Subscriber) {
-    let mut conn = std::pin::pin!(conn);
-    let mut asked = false;
-    let _ = std::future::poll_fn(|cx| {
-        if !asked && drain.poll_changed(cx).is_ready() {
-            conn.as_mut().graceful_shutdown();
-            asked = true;
-        }
-        conn.as_mut().poll(cx)
-    })
-    .await;
 }
 
 fn now_s() -> u64 {
@@ -598,7 +579,6 @@ async fn pipeline(
             guard: route.activity.open_stream(&shared.metrics.websockets_open),
             routes: shared.routes.clone(),
             shutdown: shared.ws_shutdown.subscribe(),
-            route_changes: shared.routes.subscribe(),
             metrics: shared.metrics,
             config: shared.ws,
         };

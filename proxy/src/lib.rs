@@ -35,7 +35,6 @@ pub mod feed;
 pub mod forward;
 pub mod metrics;
 pub mod route;
-pub mod signal;
 pub mod tls;
 pub mod ws;
 

@@ -19,11 +19,11 @@ use http::HeaderValue;
 use marina_config::addressing::{AddressingMode, PATH_PREFIX};
 use marina_config::wire::{AccessMode, Route, RoutesSnapshot};
 use marina_config::{Addressing, Id};
+use tokio::sync::watch;
 
 use crate::activity::Activity;
 use crate::error::{EdgeError, ErrorKind};
 use crate::metrics::Metrics;
-use crate::signal::{Signal, Subscriber};
 
 /// One running notebook, with everything the hot path needs precomputed.
 #[derive(Debug)]
@@ -64,9 +64,9 @@ pub struct Table {
 /// The routing table shared by every connection.
 pub struct RouteTable {
     current: ArcSwap<Table>,
-    /// Raised on every applied snapshot; open WebSockets watch it to
+    /// Bumped (to the new version) on every applied snapshot; open WebSockets watch it to
     /// re-check their member's access. Only touched on route changes, never per request.
-    changes: Signal,
+    changes: watch::Sender<u64>,
     loaded: AtomicBool,
     addressing: Addressing,
     metrics: &'static Metrics,
@@ -78,7 +78,7 @@ impl RouteTable {
     pub fn new(metrics: &'static Metrics, addressing: Addressing) -> RouteTable {
         RouteTable {
             current: ArcSwap::from_pointee(Table::default()),
-            changes: Signal::new(),
+            changes: watch::channel(0).0,
             loaded: AtomicBool::new(false),
             addressing,
             metrics,
@@ -103,8 +103,7 @@ impl RouteTable {
         self.current.load().version
     }
 
-    /// Fires on every applied snapshot (open WebSockets re-check their member's access).
-    pub fn subscribe(&self) -> Subscriber {
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
     }
 
@@ -144,7 +143,7 @@ impl RouteTable {
         let version = snap.version;
         self.current.store(Arc::new(Table { version, by_id }));
         self.loaded.store(true, Ordering::Release);
-        self.changes.raise();
+        self.changes.send_replace(version);
         Ok(())
     }
 }
@@ -319,9 +318,6 @@ pub(crate) mod tests {
         let owner = Id::parse("OWNER00000").unwrap();
         let viewer = Id::parse("VIEWER0000").unwrap();
         let mut rx = t.subscribe();
-        let waker = futures_util::task::noop_waker();
-        let mut cx = std::task::Context::from_waker(&waker);
-        assert!(rx.poll_changed(&mut cx).is_pending());
         t.apply(RoutesSnapshot {
             version: 3,
             routes: vec![Route {
@@ -334,7 +330,7 @@ pub(crate) mod tests {
             }],
         })
         .unwrap();
-        assert!(rx.poll_changed(&mut cx).is_ready());
+        assert!(rx.has_changed().unwrap());
         let e = t.get(nb).unwrap();
         assert_eq!(e.access(owner), Some(AccessMode::Edit));
         assert_eq!(e.access(viewer), Some(AccessMode::View));
@@ -352,9 +348,6 @@ pub(crate) mod tests {
         };
         assert!(t.apply(bad).is_err());
         assert_eq!(t.version(), 3, "a bad snapshot keeps the old table");
-        assert!(
-            rx.poll_changed(&mut cx).is_pending(),
-            "a bad snapshot is no change"
-        );
+        rx.mark_unchanged();
     }
 }

@@ -34,6 +34,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 
 use crate::activity::{Activity, StreamGuard};
 use crate::authenticate::{Authenticator, Identity};
@@ -41,7 +42,6 @@ use crate::body::EdgeBody;
 use crate::error::{EdgeError, ErrorKind};
 use crate::metrics::Metrics;
 use crate::route::{RouteEntry, RouteTable};
-use crate::signal::Subscriber;
 
 /// Close codes the edge sends (RFC 6455 §7.4.1).
 pub mod close {
@@ -128,10 +128,7 @@ pub struct RelayCtx {
     pub activity: Arc<Activity>,
     pub guard: StreamGuard,
     pub routes: Arc<RouteTable>,
-    pub shutdown: Subscriber,
-    /// Route table changes, subscribed when the request was authorized: a revocation between
-    /// then and the relay's start is not missed.
-    pub route_changes: Subscriber,
+    pub shutdown: watch::Receiver<bool>,
     pub metrics: &'static Metrics,
     pub config: WsConfig,
 }
@@ -351,6 +348,8 @@ where
     if !leftover.is_empty() {
         relay.down.preload(&leftover);
     }
+    let mut routes_rx = ctx.routes.subscribe();
+    routes_rx.mark_unchanged();
     // One timer per socket, re-armed to the next instant that matters (ping, idle limit,
     // close deadline, linger): an idle socket wakes once per ping interval, not every second.
     let mut last_ping = Instant::now();
@@ -358,12 +357,6 @@ where
     let mut linger: Option<Instant> = None;
     let timer = tokio::time::sleep(cfg.ping_every);
     tokio::pin!(timer);
-    // The route table may have changed between the request's authorization and the moment
-    // `route_changes` was subscribed: check once now, then on every change.
-    if let Some(code) = access_ended(&ctx) {
-        relay.close(code, "access ended");
-        deadline = Some(Instant::now() + Duration::from_secs(2));
-    }
     let end = loop {
         tokio::select! {
             r = poll_fn(|cx| match relay.poll(cx) {
@@ -375,8 +368,18 @@ where
                 Some(end) => break end,
                 None => linger = Some(Instant::now() + Duration::from_secs(5)),
             },
-            _ = ctx.route_changes.changed(), if deadline.is_none() => {
-                if let Some(code) = access_ended(&ctx) {
+            changed = routes_rx.changed(), if deadline.is_none() => {
+                if changed.is_err() {
+                    continue;
+                }
+                let route = ctx.routes.get(ctx.identity.notebook);
+                if !Authenticator::still_valid(&ctx.identity, route.as_deref()) {
+                    // Access revoked (or the notebook stopped / restarted): the member's cookie no
+                    // longer works, so neither does this socket.
+                    let code = match route {
+                        Some(r) if r.route.session_id == ctx.identity.session => close::POLICY,
+                        _ => close::GOING_AWAY,
+                    };
                     relay.close(code, "access ended");
                     deadline = Some(Instant::now() + Duration::from_secs(2));
                 }
@@ -424,19 +427,6 @@ where
     };
     drop(ctx.guard);
     end
-}
-
-/// The close code if the socket's member may no longer use it: access revoked (1008), or the
-/// notebook stopped or restarted (1001). The member's cookie no longer works either.
-fn access_ended(ctx: &RelayCtx) -> Option<u16> {
-    let route = ctx.routes.get(ctx.identity.notebook);
-    if Authenticator::still_valid(&ctx.identity, route.as_deref()) {
-        return None;
-    }
-    Some(match route {
-        Some(r) if r.route.session_id == ctx.identity.session => close::POLICY,
-        _ => close::GOING_AWAY,
-    })
 }
 
 /// Both directions of one proxied socket.

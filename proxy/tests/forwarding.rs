@@ -101,14 +101,7 @@ async fn http_forwarding_swaps_credentials_and_hardens_responses() {
     assert!(resp.text().await.unwrap().contains("not running"));
 
     // HTTP/2 from the browser side.
-    let stream = TcpStream::connect(edge.addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut sender = h2_client(edge.addr).await;
     let req = http::Request::get(edge.url("/notebooks/NOTEBOOK01/api/version"))
         .header("cookie", cookie.clone())
         .body(http_body_util::Empty::<bytes::Bytes>::new())
@@ -533,47 +526,13 @@ async fn websocket_relays_big_messages_and_checks_origin() {
     w.edge.stop().await;
 }
 
-/// An extended CONNECT (RFC 8441) on an HTTP/2 connection to the edge: `status`, and the
-/// stream when it opened.
-async fn h2_ws_connect(
-    sender: &mut hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
-    edge: &TestEdge,
-    path_and_query: &str,
-    cookie: &str,
-    origin: &str,
-) -> (http::StatusCode, Option<hyper::upgrade::Upgraded>) {
-    let mut req = http::Request::builder()
-        .method(http::Method::CONNECT)
-        .uri(edge.url(path_and_query))
-        .header("cookie", cookie)
-        .header("origin", origin)
-        .header("sec-websocket-version", "13")
-        .body(http_body_util::Empty::new())
-        .unwrap();
-    req.extensions_mut()
-        .insert(hyper::ext::Protocol::from_static("websocket"));
-    let resp = sender.send_request(req).await.unwrap();
-    let status = resp.status();
-    if !status.is_success() {
-        return (status, None);
-    }
-    (status, Some(hyper::upgrade::on(resp).await.unwrap()))
-}
-
 #[tokio::test]
 async fn websocket_over_http2_extended_connect() {
     use tokio_tungstenite::tungstenite::protocol::Role;
     let w = ws_world(EdgeOptions::default()).await;
     let owner = login(&w.edge, &w.keys, &w.route, id(OWNER), AccessMode::Edit).await;
     let viewer = login(&w.edge, &w.keys, &w.route, id(VIEWER), AccessMode::View).await;
-    let stream = TcpStream::connect(w.edge.addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut sender = h2_client(w.edge.addr).await;
     // One ordinary request first (the edge answers it itself: no such notebook), so that the
     // edge's SETTINGS, with ENABLE_CONNECT_PROTOCOL, have arrived.
     let req = http::Request::get(w.edge.url("/notebooks/UNKNOWN001/"))
@@ -582,16 +541,16 @@ async fn websocket_over_http2_extended_connect() {
     assert_eq!(sender.send_request(req).await.unwrap().status(), 404);
 
     // Another origin, or a viewer asking for a mutating socket: refused, nothing upstream.
-    let ws = "/notebooks/NOTEBOOK01/ws?session_id=s_aaaaaa";
-    let (status, _) = h2_ws_connect(&mut sender, &w.edge, ws, &owner, "https://evil.example").await;
+    let ws = w.edge.url("/notebooks/NOTEBOOK01/ws?session_id=s_aaaaaa");
+    let (status, _) = h2_websocket(&mut sender, &ws, &owner, "https://evil.example").await;
     assert_eq!(status, 403);
-    let term = "/notebooks/NOTEBOOK01/terminal/ws";
-    let (status, _) = h2_ws_connect(&mut sender, &w.edge, term, &viewer, &w.edge.origin()).await;
+    let term = w.edge.url("/notebooks/NOTEBOOK01/terminal/ws");
+    let (status, _) = h2_websocket(&mut sender, &term, &viewer, &w.edge.origin()).await;
     assert_eq!(status, 403);
     assert!(w.up.uris.lock().unwrap().is_empty());
 
     // The owner's socket, on the same connection as the page.
-    let (status, stream) = h2_ws_connect(&mut sender, &w.edge, ws, &owner, &w.edge.origin()).await;
+    let (status, stream) = h2_websocket(&mut sender, &ws, &owner, &w.edge.origin()).await;
     assert_eq!(status, 200);
     let mut sock = tokio_tungstenite::WebSocketStream::from_raw_socket(
         hyper_util::rt::TokioIo::new(stream.unwrap()),

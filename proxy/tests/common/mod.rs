@@ -738,3 +738,44 @@ pub fn private_ca(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
         dir.join("server.key"),
     )
 }
+
+/// An HTTP/2 sender to `addr` over cleartext (h2c, prior knowledge), its connection driven by a
+/// task of its own.
+pub async fn h2_client(
+    addr: SocketAddr,
+) -> hyper::client::conn::http2::SendRequest<http_body_util::Empty<Bytes>> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+/// A WebSocket the HTTP/2 way (RFC 8441 extended CONNECT) on `sender`'s connection: the answer's
+/// status, and the stream when it opened. The connection must have seen the edge's SETTINGS
+/// (any earlier answer on it will do).
+pub async fn h2_websocket(
+    sender: &mut hyper::client::conn::http2::SendRequest<http_body_util::Empty<Bytes>>,
+    url: &str,
+    cookie: &str,
+    origin: &str,
+) -> (http::StatusCode, Option<hyper::upgrade::Upgraded>) {
+    let mut req = Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(url)
+        .header("cookie", cookie)
+        .header("origin", origin)
+        .header("sec-websocket-version", "13")
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    req.extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("websocket"));
+    let resp = sender.send_request(req).await.unwrap();
+    let status = resp.status();
+    if !status.is_success() {
+        return (status, None);
+    }
+    (status, Some(hyper::upgrade::on(resp).await.unwrap()))
+}
