@@ -166,55 +166,35 @@ async fn open_ws(w: &World, cookie: &str, sid: &str) -> Ws {
 }
 
 /// The same socket opened the HTTP/2 way (RFC 8441 extended CONNECT, over h2c here), as a
-/// browser does on a page served over HTTP/2.
+/// browser does on a page served over HTTP/2: the page first, then the socket on its connection.
 async fn open_ws_h2(
     w: &World,
     cookie: &str,
     sid: &str,
 ) -> tokio_tungstenite::WebSocketStream<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>> {
-    let tcp = tokio::net::TcpStream::connect(w.edge.addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
-    // A first request brings the edge's SETTINGS (ENABLE_CONNECT_PROTOCOL).
+    let mut sender = h2_client(w.edge.addr).await;
     let page = http::Request::get(w.edge.url(&format!("/notebooks/{NB}/?kiosk=true")))
         .header("cookie", cookie)
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .unwrap();
-    assert_eq!(sender.send_request(page).await.unwrap().status(), 200);
-    let mut req = http::Request::builder()
-        .method(http::Method::CONNECT)
-        .uri(w.edge.url(&format!("/notebooks/{NB}/ws?session_id={sid}")))
-        .header("cookie", cookie)
-        .header("origin", w.edge.origin())
-        .header("sec-websocket-version", "13")
         .body(http_body_util::Empty::new())
         .unwrap();
-    req.extensions_mut()
-        .insert(hyper::ext::Protocol::from_static("websocket"));
-    let resp = sender.send_request(req).await.unwrap();
-    if resp.status() != 200 {
-        let status = resp.status();
-        let body = http_body_util::BodyExt::collect(resp.into_body())
-            .await
-            .unwrap()
-            .to_bytes();
-        panic!(
-            "extended CONNECT: {status} {}",
-            String::from_utf8_lossy(&body)
-        );
-    }
-    let stream = hyper::upgrade::on(resp).await.unwrap();
+    assert_eq!(sender.send_request(page).await.unwrap().status(), 200);
+    let url = w.edge.url(&format!("/notebooks/{NB}/ws?session_id={sid}"));
+    let (status, stream) = h2_websocket(&mut sender, &url, cookie, &w.edge.origin()).await;
+    assert_eq!(status, 200, "extended CONNECT");
     tokio_tungstenite::WebSocketStream::from_raw_socket(
-        hyper_util::rt::TokioIo::new(stream),
+        hyper_util::rt::TokioIo::new(stream.unwrap()),
         tokio_tungstenite::tungstenite::protocol::Role::Client,
         None,
     )
     .await
+}
+
+/// Marimo's `kernel-ready` message says the session is a read-only kiosk.
+fn assert_kiosk(ready: &str) {
+    assert!(
+        ready.contains("\"kiosk\":true") || ready.contains("\"kiosk\": true"),
+        "{ready}"
+    );
 }
 
 /// Reads text frames until one contains `needle`; returns it. Panics after 20 s.
@@ -287,41 +267,16 @@ async fn owner_edits_viewer_mirrors_and_no_credential_reaches_the_kernel() {
     let viewer = cookie_pair(&handshake(&w.edge, id(NB), &viewer_token).await);
     page_token(&w, &viewer).await;
     let mut vws = open_ws(&w, &viewer, "s_view01").await;
-    let ready = until(&mut vws, "kernel-ready").await;
-    assert!(
-        ready.contains("\"kiosk\":true") || ready.contains("\"kiosk\": true"),
-        "{ready}"
-    );
-    let r = run_cell(
-        &w,
-        &owner,
-        &skew,
-        "s_owner1",
-        "cellB",
-        "print('LIVE', 7 * 6)",
-    )
-    .await;
-    assert_eq!(r.status(), 200);
+    assert_kiosk(&until(&mut vws, "kernel-ready").await);
+    let run = |code: &'static str| run_cell(&w, &owner, &skew, "s_owner1", "cellB", code);
+    assert_eq!(run("print('LIVE', 7 * 6)").await.status(), 200);
     until(&mut vws, "LIVE 42").await;
     until(&mut ows, "LIVE 42").await;
     // A second viewer tab whose page came over HTTP/2 opens its socket on that connection: the
     // same forced kiosk, the same live mirror.
     let mut h2ws = open_ws_h2(&w, &viewer, "s_view02").await;
-    let ready = until(&mut h2ws, "kernel-ready").await;
-    assert!(
-        ready.contains("\"kiosk\":true") || ready.contains("\"kiosk\": true"),
-        "{ready}"
-    );
-    let r = run_cell(
-        &w,
-        &owner,
-        &skew,
-        "s_owner1",
-        "cellB",
-        "print('OVER H2', 6 * 7)",
-    )
-    .await;
-    assert_eq!(r.status(), 200);
+    assert_kiosk(&until(&mut h2ws, "kernel-ready").await);
+    assert_eq!(run("print('OVER H2', 6 * 7)").await.status(), 200);
     until(&mut h2ws, "OVER H2 42").await;
     until(&mut vws, "OVER H2 42").await;
 
