@@ -382,6 +382,11 @@ fn encode_request(
         line(out, name.as_str().as_bytes(), value.as_bytes());
     }
     line(out, b"authorization", route.upstream_auth.as_bytes());
+    line(
+        out,
+        super::NOTEBOOK_ID_HEADER.as_str().as_bytes(),
+        super::OWN_FILE_KEY.as_bytes(),
+    );
     line(out, b"x-forwarded-for", info.forwarded_for.as_bytes());
     line(out, b"x-forwarded-proto", info.proto.as_bytes());
     match &info.host {
@@ -768,6 +773,8 @@ mod tests {
             .header(header::EXPECT, "100-continue")
             .header("marimo-server-token", "skew")
             .header("x-request-id", "forged")
+            .header("x-notebook-id", "%2Fother%2Fnotebook.py")
+            .header("x-notebook-id", "second")
             .body(())
             .unwrap();
         let (start, h) = encode(req, RequestFraming::Length(5));
@@ -781,6 +788,8 @@ mod tests {
         assert_eq!(get(&h, "x-request-id"), ["00000001-2a"]);
         assert_eq!(get(&h, "content-length"), ["5"]);
         assert_eq!(get(&h, "marimo-server-token"), ["skew"]);
+        // Marimo opens the file this header names: the edge names the notebook's own.
+        assert_eq!(get(&h, "x-notebook-id"), ["notebook.py"]);
         for gone in [
             "x-forwarded-user",
             "x-remote-user",

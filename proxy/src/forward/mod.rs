@@ -78,12 +78,28 @@ pub fn is_identity_header(name: &str) -> bool {
         )
 }
 
+/// Marimo's header naming the notebook file a `/public/<f>` request is for. Marimo's service
+/// worker sets it from the page; Marimo serves `<that file's directory>/public/<f>`, and in
+/// edit mode first adds whatever path it names to its allowed files. Without it Marimo answers
+/// 404, so the edge does not drop it but always sets it itself, to [`OWN_FILE_KEY`].
+pub const NOTEBOOK_ID_HEADER: HeaderName = HeaderName::from_static("x-notebook-id");
+
+/// The notebook's own file as a Marimo file key. Both runtimes start `marimo edit` in the
+/// notebook's directory on its `notebook.py` (local: `DATA_DIR/notebooks/<ID>/`, Kubernetes:
+/// `/work`), and Marimo resolves a relative key against its working directory, so this names
+/// that file and no other, without the edge knowing where the runtime keeps it.
+pub const OWN_FILE_KEY: HeaderValue = HeaderValue::from_static("notebook.py");
+
 /// Does a browser's request header go upstream? Not hop-by-hop ones (nor those its
 /// `Connection` names, see [`ConnectionTokens`]), not its `Authorization` (the browser's
-/// credentials are for the edge, not the notebook) and no identity claim. The edge's cookie is
-/// taken out of `Cookie` separately ([`for_each_kept_cookie`]).
+/// credentials are for the edge, not the notebook), no identity claim, and not
+/// `X-Notebook-Id` (the edge sets it, see [`NOTEBOOK_ID_HEADER`]). The edge's cookie is taken
+/// out of `Cookie` separately ([`for_each_kept_cookie`]).
 pub fn request_header_forwarded(name: &HeaderName) -> bool {
-    !(is_hop_by_hop(name) || name == header::AUTHORIZATION || is_identity_header(name.as_str()))
+    !(is_hop_by_hop(name)
+        || name == header::AUTHORIZATION
+        || name == NOTEBOOK_ID_HEADER
+        || is_identity_header(name.as_str()))
 }
 
 /// Does an upstream response header go to the browser? Not hop-by-hop ones, not Marimo's own
@@ -210,6 +226,7 @@ pub fn rewrite_request_headers(
     }
     strip_cookies(headers, cookie_names);
     headers.insert(header::AUTHORIZATION, route.upstream_auth.clone());
+    headers.insert(NOTEBOOK_ID_HEADER, OWN_FILE_KEY);
     headers.insert("x-forwarded-for", info.forwarded_for.clone());
     headers.insert("x-forwarded-proto", HeaderValue::from_static(info.proto));
     if let Some(h) = info.host {
@@ -461,6 +478,10 @@ mod tests {
         );
         h.insert("x-secret-hop", HeaderValue::from_static("1"));
         h.insert("marimo-server-token", HeaderValue::from_static("skew"));
+        h.insert(
+            "x-notebook-id",
+            HeaderValue::from_static("%2Fother%2Fnotebook.py"),
+        );
         let host = HeaderValue::from_static("127.0.0.1:8000");
         rewrite_request_headers(
             &mut h,
@@ -488,6 +509,33 @@ mod tests {
             h["marimo-server-token"], "skew",
             "Marimo's skew token passes"
         );
+        assert_eq!(
+            h.get_all("x-notebook-id").iter().collect::<Vec<_>>(),
+            vec!["notebook.py"],
+            "the browser's file key is replaced by the notebook's own"
+        );
+    }
+
+    #[test]
+    fn request_header_rules() {
+        for dropped in [
+            "authorization",
+            "x-notebook-id",
+            "x-forwarded-user",
+            "connection",
+        ] {
+            let n = HeaderName::from_static(dropped);
+            assert!(!request_header_forwarded(&n), "{dropped}");
+        }
+        for kept in [
+            "marimo-session-id",
+            "marimo-server-token",
+            "range",
+            "origin",
+        ] {
+            let n = HeaderName::from_static(kept);
+            assert!(request_header_forwarded(&n), "{kept}");
+        }
     }
 
     #[test]
