@@ -2,9 +2,10 @@
 //! hold whatever the browser sends.
 //!
 //! Runs after `authenticate`, on every request except the handshake. It sees the [`Identity`],
-//! never a credential. It may refuse (403 with a short JSON body, counted by reason) or rewrite
-//! the request: Marimo session ids are bound to the member, viewers' event streams are forced
-//! into kiosk mode, `access_token` is dropped. It never does I/O.
+//! never a credential. It may refuse (403, or 400 for an ambiguous query, with a short JSON body,
+//! counted by reason) or rewrite the request: Marimo session ids are bound to the member,
+//! viewers' event streams are forced into kiosk mode, `access_token` and `file` are dropped. It
+//! never does I/O.
 //!
 //! Why the edge must do this: Marimo's `edit` server gives every authenticated caller full
 //! rights (research §0): a viewer could save the file, run code, or open a shell. So:
@@ -16,10 +17,19 @@
 //!   [`CookieKeys::bind_session_id`]. A viewer who learns the owner's browser session id gets a
 //!   different effective id, so it can neither act as the owner nor evict the owner's
 //!   connection; and no edge replica needs shared state to agree.
+//! - Everyone: a request that can change something (any method but `GET`/`HEAD`) and every
+//!   session transport must come from the notebook's own origin ([`check_origin`]). The
+//!   session cookie alone cannot tell: sibling notebooks (`a.<domain>`, `b.<domain>`) are
+//!   *same-site*, so even `SameSite=Strict` sends the owner's cookie with a request that a page
+//!   of another notebook makes.
+//! - Everyone: nothing in the request may make Marimo open another notebook's file. Its query
+//!   `file=` is dropped (below), its `X-Notebook-Id` header is replaced by `forward`
+//!   ([`crate::forward::request_header_forwarded`]), and `/@file/` may only name Marimo's own
+//!   virtual files ([`is_virtual_file`]).
 
 use std::borrow::Cow;
 
-use http::{HeaderName, HeaderValue, Method, Uri};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Uri};
 use marina_config::wire::AccessMode;
 
 use crate::authenticate::cookie::CookieKeys;
@@ -31,6 +41,9 @@ use crate::error::{EdgeError, ErrorKind};
 pub const SESSION_HEADER: HeaderName = HeaderName::from_static("marimo-session-id");
 /// Header `/api/kernel/execute` accepts to act on a session without a socket (viewers: never).
 pub const STABLE_SESSION_HEADER: HeaderName = HeaderName::from_static("marimo-stable-session-id");
+/// Fetch metadata (`same-origin`, `same-site`, `cross-site`, `none`): which site a browser
+/// request comes from. Like `Origin`, page script cannot set it.
+pub const FETCH_SITE_HEADER: HeaderName = HeaderName::from_static("sec-fetch-site");
 
 /// Which kind of request a rule admits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -100,7 +113,9 @@ pub static VIEWER_ALLOW: &[Rule] = &[
     rule(Post, Exact("/api/packages/sandbox")),
     rule(Post, Exact("/api/datasources/discover")),
     rule(Post, Exact("/api/kernel/read_code")),
-    rule(Post, Exact("/api/export/html")),
+    // Not `/api/export/html`: the viewer UI never calls it on its own (research §2.2), and it
+    // reads every virtual file named in its JSON body (`files`), which the edge does not parse
+    // (bodies are streamed). A viewer sees the same outputs live.
     // The session transports, with kiosk forced (see `authorize`).
     rule(Stream, Exact("/ws")),
     rule(Stream, Exact("/sse")),
@@ -175,7 +190,8 @@ impl Policy {
         })
     }
 
-    /// The authorize phase. `rel` is the path after the notebook's prefix. Rewrites `uri` and
+    /// The authorize phase. `rel` is the path after the notebook's prefix; `own_origin` is the
+    /// notebook's browser origin ([`crate::route::RouteEntry::origin`]). Rewrites `uri` and
     /// `headers` in place.
     pub fn authorize(
         &self,
@@ -184,6 +200,7 @@ impl Policy {
         parts: &mut http::request::Parts,
         base_len: usize,
         upgrade: bool,
+        own_origin: &str,
     ) -> Result<Decision, EdgeError> {
         let method = &parts.method;
         let uri = &mut parts.uri;
@@ -200,6 +217,13 @@ impl Policy {
                 ErrorKind::DeniedCredentialEndpoint,
                 "authorize",
             ));
+        }
+        // Marimo reads `/@file/<len>-<name>` from the shared-memory segment `<name>`, whatever
+        // it is called; only the names Marimo's kernel gives its outputs may be asked for.
+        if let Some(name) = rel.strip_prefix("/@file/") {
+            if !is_virtual_file(name) {
+                return Err(EdgeError::new(ErrorKind::DeniedPath, "virtual file"));
+            }
         }
         let kind = if upgrade {
             if *method != Method::GET {
@@ -220,6 +244,15 @@ impl Policy {
             // PUT/DELETE/PATCH/OPTIONS…: Marimo's API uses none for viewers.
             Kind::Post
         };
+        match kind {
+            // Reads change nothing, and the browser keeps their answers from other origins
+            // (no CORS headers pass); the page itself must load from a link.
+            Read => {}
+            Post => check_origin(headers, own_origin, false)?,
+            // A socket's handshake always carries `Origin` in browsers; an event stream
+            // (a same-origin `GET`) need not, but opens a Marimo session like a socket.
+            Stream => check_origin(headers, own_origin, upgrade)?,
+        }
         let viewer = id.mode == AccessMode::View;
         if viewer {
             let is_post_like = *method != Method::POST && kind == Post;
@@ -274,6 +307,79 @@ impl Policy {
             kiosk_redirect,
         })
     }
+}
+
+/// Is this request from the notebook's own origin, as far as the browser says? The ONE origin
+/// check, for state-changing requests and session transports alike.
+///
+/// Browsers set `Origin` and `Sec-Fetch-Site` themselves and page script cannot forge either
+/// (forbidden request headers), so a request that carries them is judged by them: `Origin`
+/// must equal `own_origin` (`null`, from sandboxed frames and opaque redirects, never does),
+/// and `Sec-Fetch-Site` must be `same-origin` or `none` (typed in, bookmarked). A request with
+/// neither comes from a non-browser client, which holds the cookie itself and needs no
+/// protection from a page; it passes unless `require_origin` (WebSocket handshakes, which
+/// browsers always send with `Origin`). A repeated header is refused: one browser sends one.
+///
+/// In path mode every notebook shares one origin, so this separates notebooks from other
+/// sites but not from each other (`docs/proxy.md`, "What path mode gives up").
+pub fn check_origin(
+    headers: &HeaderMap,
+    own_origin: &str,
+    require_origin: bool,
+) -> Result<(), EdgeError> {
+    let refuse = |context| Err(EdgeError::new(ErrorKind::DeniedOrigin, context));
+    let mut origins = headers.get_all(header::ORIGIN).iter();
+    match (origins.next(), origins.next()) {
+        (None, _) if require_origin => return refuse("no origin"),
+        (None, _) => {}
+        (Some(o), None) if o.as_bytes().eq_ignore_ascii_case(own_origin.as_bytes()) => {}
+        _ => return refuse("origin"),
+    }
+    let mut sites = headers.get_all(FETCH_SITE_HEADER).iter();
+    match (sites.next(), sites.next()) {
+        (None, _) => Ok(()),
+        (Some(s), None)
+            if s.as_bytes().eq_ignore_ascii_case(b"same-origin")
+                || s.as_bytes().eq_ignore_ascii_case(b"none") =>
+        {
+            Ok(())
+        }
+        _ => refuse("sec-fetch-site"),
+    }
+}
+
+/// Is `name` (after `/@file/`) a virtual file as Marimo's kernel names them?
+///
+/// `VirtualFile` URLs are `./@file/<byte length>-<name>` with `<name>` from `random_filename`:
+/// `<native thread id>-<8 ASCII letters or digits>.<ext>` (`ext` is chosen by the code that
+/// made the output: `png`, `csv`, a downloaded file's extension…), plus the constant empty file
+/// `0-empty.txt` (and its short form `empty.txt`). Marimo serves any name as the POSIX
+/// shared-memory segment `/dev/shm/<name>`, which on a shared host includes other programs'
+/// segments (multiprocessing's `psm_*`, PostgreSQL's `PostgreSQL.<n>`, …). This shape cannot
+/// tell one notebook's outputs from another's: the private `/dev/shm` each notebook gets from
+/// its runtime does that; this is defence in depth.
+pub fn is_virtual_file(name: &str) -> bool {
+    if name == "empty.txt" || name == "0-empty.txt" {
+        return true;
+    }
+    let digits = |s: &str| (1..=20).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit());
+    let mut parts = name.splitn(3, '-');
+    let (Some(len), Some(tid), Some(rest)) = (parts.next(), parts.next(), parts.next()) else {
+        return false;
+    };
+    let Some((random, ext)) = rest.split_at_checked(8) else {
+        return false;
+    };
+    let Some(ext) = ext.strip_prefix('.') else {
+        return false;
+    };
+    digits(len)
+        && digits(tid)
+        && random.bytes().all(|b| b.is_ascii_alphanumeric())
+        && (1..=32).contains(&ext.len())
+        && ext
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'+' | b'-'))
 }
 
 /// Marimo's browser session id shape: `^s_[0-9a-z]{6}$`.
@@ -332,28 +438,123 @@ fn plain_segments(path: &[u8]) -> bool {
     start.is_none_or(|s| segment_ok(&path[s..], true))
 }
 
-/// Rewrites a query: `session_id` bound to the member, `access_token` dropped, `kiosk` forced to
-/// `true` when asked. `None` if nothing changes.
+/// The raw key of one `key=value` query pair (all of it without `=`).
+fn query_key(pair: &str) -> &str {
+    pair.split_once('=').map_or(pair, |(k, _)| k)
+}
+
+/// A query key the edge rewrites, as Marimo will read it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum QueryKey {
+    /// `session_id`: bound to the member.
+    SessionId,
+    /// `kiosk`: forced to `true` for viewers' transports.
+    Kiosk,
+    /// `access_token`: Marimo's credential; the edge authenticates, so it is dropped.
+    AccessToken,
+    /// `file`: which notebook file Marimo opens. A single-file `marimo edit notebook.py` serves
+    /// its own file when the key is absent (`get_unique_file_key()`, on the page, `/ws`, `/sse`,
+    /// `/og/thumbnail`), and in edit mode adds any path it is given to its allowed files
+    /// (`SessionManager.app_manager`), so it is dropped for everyone.
+    File,
+    Other,
+}
+
+impl QueryKey {
+    fn of_plain(key: &str) -> QueryKey {
+        match key {
+            "session_id" => QueryKey::SessionId,
+            "kiosk" => QueryKey::Kiosk,
+            "access_token" => QueryKey::AccessToken,
+            "file" => QueryKey::File,
+            _ => QueryKey::Other,
+        }
+    }
+
+    /// Classifies a raw query key as Marimo's Starlette reads it: `urllib.parse.parse_qsl`
+    /// turns `+` into a space, then decodes `%XX` escapes as UTF-8, and the LAST value of a
+    /// repeated key wins. A key in plain form is matched as is (no allocation). A key with an
+    /// escape or a `+` is decoded; it is refused if it decodes to one of the names above (an
+    /// encoded spelling has no use but to make the edge and Marimo read different keys:
+    /// `%73ession_id=` is `session_id=` to Marimo) or if its escapes are malformed or not
+    /// UTF-8 (Python keeps those literally or as U+FFFD; refusing is simpler than agreeing on
+    /// every decoder's repair). Rare, so the decoded copy's allocation does not matter.
+    fn of(raw: &str) -> Result<QueryKey, EdgeError> {
+        let b = raw.as_bytes();
+        if !b.iter().any(|&c| c == b'%' || c == b'+') {
+            return Ok(QueryKey::of_plain(raw));
+        }
+        let malformed = || EdgeError::new(ErrorKind::DeniedQuery, "query key escape");
+        let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+        let mut out = Vec::with_capacity(b.len());
+        let mut i = 0;
+        while i < b.len() {
+            match b[i] {
+                b'+' => {
+                    out.push(b' ');
+                    i += 1;
+                }
+                b'%' => {
+                    let (hi, lo) = match (b.get(i + 1), b.get(i + 2)) {
+                        (Some(&h), Some(&l)) => (hex(h), hex(l)),
+                        _ => (None, None),
+                    };
+                    let (Some(hi), Some(lo)) = (hi, lo) else {
+                        return Err(malformed());
+                    };
+                    out.push(hi << 4 | lo);
+                    i += 3;
+                }
+                c => {
+                    out.push(c);
+                    i += 1;
+                }
+            }
+        }
+        let decoded = std::str::from_utf8(&out).map_err(|_| malformed())?;
+        match QueryKey::of_plain(decoded) {
+            QueryKey::Other => Ok(QueryKey::Other),
+            _ => Err(EdgeError::new(ErrorKind::DeniedQuery, "encoded query key")),
+        }
+    }
+}
+
+/// Rewrites a query: `session_id` bound to the member, `access_token` and `file` dropped,
+/// `kiosk` forced to `true` when asked. `None` if nothing changes (then nothing is allocated
+/// either, unless a key has escapes). Refused (400): keys [`QueryKey::of`] refuses, and a
+/// repeated `session_id` or `kiosk` (Marimo takes the last; which one the edge should bind is
+/// ambiguous, and no browser sends two).
 fn rewrite_query(
     q: &str,
     force_kiosk: bool,
     bind: impl Fn(&str) -> [u8; 8],
 ) -> Result<Option<String>, EdgeError> {
-    let touches = |k: &str| k == "session_id" || k == "access_token" || k == "kiosk";
-    if !force_kiosk
-        && !q
-            .split('&')
-            .any(|p| touches(p.split('=').next().unwrap_or("")))
-    {
+    // First pass: judge every key, so a later one cannot hide behind an earlier rewrite.
+    let (mut sids, mut kiosks, mut touched) = (0u32, 0u32, force_kiosk);
+    for pair in q.split('&') {
+        match QueryKey::of(query_key(pair))? {
+            QueryKey::SessionId => sids += 1,
+            QueryKey::Kiosk => kiosks += 1,
+            QueryKey::AccessToken | QueryKey::File => touched = true,
+            QueryKey::Other => {}
+        }
+    }
+    if sids > 1 || kiosks > 1 {
+        return Err(EdgeError::new(ErrorKind::DeniedQuery, "repeated query key"));
+    }
+    if !touched && sids == 0 {
         return Ok(None);
     }
+    // Second pass: every key that matters is in plain form now (the first pass refused the
+    // others), so matching the raw key is matching what Marimo will read.
     let mut out = String::with_capacity(q.len() + 12);
     for pair in q.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let keep: Cow<'_, str> = match k {
-            "access_token" => continue,
-            "kiosk" if force_kiosk => continue,
-            "session_id" => {
+        let keep: Cow<'_, str> = match QueryKey::of_plain(k) {
+            QueryKey::AccessToken | QueryKey::File => continue,
+            QueryKey::Kiosk if force_kiosk => continue,
+            QueryKey::SessionId => {
+                // Marimo's shape has no `%` or `+`, so the raw value is the decoded one.
                 if !is_marimo_sid(v) {
                     return Err(EdgeError::new(
                         ErrorKind::DeniedSessionId,
@@ -414,7 +615,16 @@ mod tests {
         }
     }
 
+    /// A request as the notebook's own page sends it (with its `Origin`).
     fn parts(method: &str, uri: &str) -> http::request::Parts {
+        let mut p = bare(method, uri);
+        p.headers
+            .insert(header::ORIGIN, HeaderValue::from_static(OWN));
+        p
+    }
+
+    /// A request with no browser headers at all (as a script or `curl` sends it).
+    fn bare(method: &str, uri: &str) -> http::request::Parts {
         http::Request::builder()
             .method(Method::from_bytes(method.as_bytes()).unwrap())
             .uri(uri)
@@ -427,6 +637,10 @@ mod tests {
     fn keys() -> CookieKeys {
         CookieKeys::new(&[[3; 32]]).unwrap()
     }
+
+    /// The notebook's own origin (subdomain mode), and a sibling notebook's: same site.
+    const OWN: &str = "https://notebook01.nb.example";
+    const SIBLING: &str = "https://notebook02.nb.example";
 
     /// Runs one request through the phase; `Ok((uri, headers))` or the error kind.
     fn check(
@@ -442,7 +656,7 @@ mod tests {
         p.headers
             .insert(STABLE_SESSION_HEADER, HeaderValue::from_static("stable"));
         policy
-            .authorize(&keys(), &ident(mode), &mut p, 0, upgrade)
+            .authorize(&keys(), &ident(mode), &mut p, 0, upgrade, OWN)
             .map(|d| (p.uri, p.headers, d))
             .map_err(|e| e.kind)
     }
@@ -496,14 +710,13 @@ mod tests {
             ("GET", "/"),
             ("HEAD", "/"),
             ("GET", "/assets/index-abc.js"),
-            ("GET", "/@file/123-x.png"),
+            ("GET", "/@file/123-4567-AbCd09zZ.png"),
             ("GET", "/public/logo.svg"),
             ("GET", "/api/usage"),
             ("GET", "/api/kernel/status"),
             ("POST", "/api/packages/sandbox"),
             ("POST", "/api/datasources/discover"),
             ("POST", "/api/kernel/read_code"),
-            ("POST", "/api/export/html"),
         ] {
             assert!(
                 check(STRICT, AccessMode::View, m, p, false).is_ok(),
@@ -584,7 +797,7 @@ mod tests {
         // HTTP/2 requests name their host in the URI (`:authority`), not in `Host`.
         let mut p = parts("GET", "http://nb.test:8000/ws?session_id=s_abc123");
         STRICT
-            .authorize(&keys(), &ident(AccessMode::View), &mut p, 0, true)
+            .authorize(&keys(), &ident(AccessMode::View), &mut p, 0, true, OWN)
             .unwrap();
         assert_eq!(p.uri.authority().map(|a| a.as_str()), Some("nb.test:8000"));
         assert_eq!(p.uri.scheme_str(), Some("http"));
@@ -649,7 +862,7 @@ mod tests {
             !q.contains("access_token") && !q.contains("s_abc123"),
             "{q}"
         );
-        assert!(q.contains("file=nb.py"), "{q}");
+        assert!(!q.contains("file="), "{q}");
         let bound = keys().bind_session_id(
             ident(AccessMode::View).member,
             ident(AccessMode::View).notebook,
@@ -690,14 +903,14 @@ mod tests {
         // Malformed ids are refused.
         let mut p = parts("GET", "/ws?session_id=s_ABC123");
         let e = STRICT
-            .authorize(&keys(), &ident(AccessMode::Edit), &mut p, 0, true)
+            .authorize(&keys(), &ident(AccessMode::Edit), &mut p, 0, true, OWN)
             .unwrap_err();
         assert_eq!(e.kind, ErrorKind::DeniedSessionId);
         let mut p = parts("POST", "/api/kernel/run");
         p.headers
             .insert(SESSION_HEADER, HeaderValue::from_static("owner-session"));
         let e = STRICT
-            .authorize(&keys(), &ident(AccessMode::Edit), &mut p, 0, false)
+            .authorize(&keys(), &ident(AccessMode::Edit), &mut p, 0, false, OWN)
             .unwrap_err();
         assert_eq!(e.kind, ErrorKind::DeniedSessionId);
     }
@@ -735,16 +948,277 @@ mod tests {
         );
     }
 
+    /// Runs `method path` by `mode` with exactly these headers; the error kind if refused.
+    fn with_headers(
+        mode: AccessMode,
+        method: &str,
+        path: &str,
+        upgrade: bool,
+        headers: &[(&'static str, &'static str)],
+    ) -> Result<(Uri, Decision), ErrorKind> {
+        let mut p = bare(method, path);
+        for (n, v) in headers {
+            p.headers.append(*n, HeaderValue::from_static(v));
+        }
+        STRICT
+            .authorize(&keys(), &ident(mode), &mut p, 0, upgrade, OWN)
+            .map(|d| (p.uri, d))
+            .map_err(|e| e.kind)
+    }
+
+    #[test]
+    fn state_changes_and_sockets_must_come_from_the_notebooks_own_origin() {
+        let run = |h: &[(&'static str, &'static str)]| {
+            with_headers(AccessMode::Edit, "POST", "/api/kernel/run", false, h)
+        };
+        // Positive controls: the notebook's own page, a fetch the browser marks same-origin or
+        // user-initiated, and a non-browser client (neither header).
+        for ok in [
+            &[("origin", OWN)][..],
+            &[("origin", "HTTPS://NOTEBOOK01.nb.example")],
+            &[("sec-fetch-site", "same-origin")],
+            &[("origin", OWN), ("sec-fetch-site", "same-origin")],
+            &[("sec-fetch-site", "none")],
+            &[],
+        ] {
+            assert!(run(ok).is_ok(), "{ok:?}");
+        }
+        // Attacks: a sibling notebook's page (same site, so the cookie came along), another
+        // site, an opaque origin, a same-site fetch, two origins.
+        for bad in [
+            &[("origin", SIBLING)][..],
+            &[("origin", "https://evil.example")],
+            &[("origin", "null")],
+            &[("origin", "https://notebook01.nb.example.evil.example")],
+            &[("sec-fetch-site", "same-site")],
+            &[("sec-fetch-site", "cross-site")],
+            &[("origin", OWN), ("sec-fetch-site", "same-site")],
+            &[("origin", OWN), ("origin", SIBLING)],
+        ] {
+            assert_eq!(run(bad).unwrap_err(), ErrorKind::DeniedOrigin, "{bad:?}");
+        }
+        // Every method but GET/HEAD is a state change, for viewers' allowed POSTs too.
+        for m in ["PUT", "DELETE", "PATCH", "OPTIONS"] {
+            let e = with_headers(AccessMode::Edit, m, "/api/x", false, &[("origin", SIBLING)]);
+            assert_eq!(e.unwrap_err(), ErrorKind::DeniedOrigin, "{m}");
+        }
+        let e = with_headers(
+            AccessMode::View,
+            "POST",
+            "/api/kernel/read_code",
+            false,
+            &[("sec-fetch-site", "same-site")],
+        );
+        assert_eq!(e.unwrap_err(), ErrorKind::DeniedOrigin);
+        // Reads pass whatever their origin (the browser keeps the answer from that page).
+        for m in ["GET", "HEAD"] {
+            assert!(
+                with_headers(AccessMode::Edit, m, "/", false, &[("origin", SIBLING)]).is_ok(),
+                "{m}"
+            );
+        }
+        // Sockets need their own origin, as before; a socket without `Origin` is refused.
+        let ws = |h: &[(&'static str, &'static str)]| {
+            with_headers(AccessMode::Edit, "GET", "/ws?session_id=s_abc123", true, h)
+        };
+        assert!(ws(&[("origin", OWN)]).is_ok());
+        assert_eq!(ws(&[]).unwrap_err(), ErrorKind::DeniedOrigin);
+        assert_eq!(
+            ws(&[("sec-fetch-site", "same-origin")]).unwrap_err(),
+            ErrorKind::DeniedOrigin
+        );
+        assert_eq!(
+            ws(&[("origin", SIBLING)]).unwrap_err(),
+            ErrorKind::DeniedOrigin
+        );
+        // An event stream opens a Marimo session like a socket: same rule, `Origin` optional
+        // (a same-origin `GET` carries none).
+        let sse = |h: &[(&'static str, &'static str)]| {
+            with_headers(
+                AccessMode::View,
+                "GET",
+                "/sse?session_id=s_abc123",
+                false,
+                h,
+            )
+        };
+        assert!(sse(&[]).is_ok());
+        assert!(sse(&[("sec-fetch-site", "same-origin")]).is_ok());
+        assert_eq!(
+            sse(&[("sec-fetch-site", "same-site")]).unwrap_err(),
+            ErrorKind::DeniedOrigin
+        );
+        assert_eq!(
+            sse(&[("origin", SIBLING)]).unwrap_err(),
+            ErrorKind::DeniedOrigin
+        );
+    }
+
+    /// The query after `authorize`, or the error kind.
+    fn query_after(mode: AccessMode, path: &str, upgrade: bool) -> Result<String, ErrorKind> {
+        check(STRICT, mode, "GET", path, upgrade).map(|(u, ..)| u.query().unwrap_or("").into())
+    }
+
+    #[test]
+    fn query_keys_are_read_as_marimo_reads_them() {
+        for who in [AccessMode::Edit, AccessMode::View] {
+            // The attack: Starlette decodes `%73` to `s` and takes the last value, so Marimo
+            // would have registered the raw `s_evil`. Any encoded spelling of a key the edge
+            // rewrites is refused, as are repeats and malformed escapes.
+            for bad in [
+                "/ws?session_id=s_abc123&%73ession_id=s_evil00",
+                "/ws?%73ession_id=s_evil00",
+                "/ws?session%5Fid=s_evil00",
+                "/ws?session_id=s_abc123&session_id=s_abc124",
+                "/ws?session_id=s_abc123&kiosk=true&kiosk=false",
+                "/ws?session_id=s_abc123&%6Biosk=false",
+                "/ws?session_id=s_abc123&%61ccess_token=t",
+                "/ws?session_id=s_abc123&%66ile=%2Fother%2Fnotebook.py",
+                "/ws?session_id=s_abc123&%zz=1",
+                "/ws?session_id=s_abc123&a%4=1",
+                "/ws?session_id=s_abc123&a%=1",
+                "/ws?session_id=s_abc123&a%FF=1",
+            ] {
+                assert_eq!(
+                    query_after(who, bad, true).unwrap_err(),
+                    ErrorKind::DeniedQuery,
+                    "{who:?} {bad}"
+                );
+            }
+        }
+        // Positive controls: the plain key is bound; other encoded keys pass untouched (`+`
+        // is a space to Marimo, `session+id` is not `session_id`).
+        let q = query_after(AccessMode::Edit, "/ws?session_id=s_abc123", true).unwrap();
+        assert_eq!(q, bound_for(AccessMode::Edit, "s_abc123"));
+        let q = query_after(
+            AccessMode::Edit,
+            "/ws?session_id=s_abc123&a+b=1&x%20y=%zz&session+id=s_evil00",
+            true,
+        )
+        .unwrap();
+        assert_eq!(
+            q,
+            format!(
+                "{}&a+b=1&x%20y=%zz&session+id=s_evil00",
+                bound_for(AccessMode::Edit, "s_abc123")
+            )
+        );
+        // An encoded value is no way round the shape check either.
+        assert_eq!(
+            query_after(AccessMode::Edit, "/ws?session_id=%73_abc123", true).unwrap_err(),
+            ErrorKind::DeniedSessionId
+        );
+    }
+
+    #[test]
+    fn file_is_dropped_from_every_query() {
+        for who in [AccessMode::Edit, AccessMode::View] {
+            for path in [
+                "/?kiosk=true&file=%2Fother%2Fnotebook.py",
+                "/?file=/other/notebook.py&kiosk=true&file=x",
+                "/og/thumbnail?file=/other/notebook.py",
+            ] {
+                let q = query_after(who, path, false).unwrap();
+                assert_eq!(
+                    q,
+                    "kiosk=true".repeat(path.contains("kiosk") as usize),
+                    "{path}"
+                );
+            }
+            let q = query_after(who, "/ws?file=/o/notebook.py&session_id=s_abc123", true).unwrap();
+            assert!(
+                !q.contains("file") && q.contains(&bound_for(who, "s_abc123")),
+                "{q}"
+            );
+        }
+        // Positive control: the owner's page without `file=` is left alone (nothing allocated).
+        let mut p = parts("GET", "/?foo=1&kiosk=true");
+        let before = p.uri.clone();
+        STRICT
+            .authorize(&keys(), &ident(AccessMode::Edit), &mut p, 0, false, OWN)
+            .unwrap();
+        assert_eq!(p.uri, before);
+    }
+
+    fn bound_for(who: AccessMode, sid: &str) -> String {
+        let id = ident(who);
+        let b = keys().bind_session_id(id.member, id.notebook, sid);
+        format!("session_id={}", std::str::from_utf8(&b).unwrap())
+    }
+
+    #[test]
+    fn virtual_files_are_only_marimos_own() {
+        for ok in [
+            "0-empty.txt",
+            "empty.txt",
+            "52011-139873428375232-Ab3dE9xZ.png",
+            "12-1-abcdefgh.csv",
+            "7-42-ABCDEFGH.tar.gz",
+            "7-42-ABCDEFGH.svg+xml",
+        ] {
+            assert!(is_virtual_file(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "12-psm_0a1b2c3d",
+            "128-PostgreSQL.1804289383",
+            "10-sem.x",
+            "12-1-abcdefg.png",
+            "12-1-abcdefghi.png",
+            "12-1-abcdefgh",
+            "12-1-abcdefgh.",
+            "12-1-abc_efgh.png",
+            "x-1-abcdefgh.png",
+            "12-x-abcdefgh.png",
+            "12-1-abcdefgh.p/ng",
+            "12-1-abcdefgh.p%2Fng",
+            "12--abcdefgh.png",
+            "123456789012345678901-1-abcdefgh.png",
+        ] {
+            assert!(!is_virtual_file(bad), "{bad}");
+        }
+        for who in [AccessMode::Edit, AccessMode::View] {
+            assert!(check(
+                STRICT,
+                who,
+                "GET",
+                "/@file/12-1-abcdefgh.png?download=1",
+                false
+            )
+            .is_ok());
+            for bad in [
+                "/@file/12-psm_0a1b2c3d",
+                "/@file/99-PostgreSQL.1",
+                "/@file/%31-x",
+            ] {
+                assert_eq!(
+                    check(STRICT, who, "GET", bad, false).unwrap_err(),
+                    ErrorKind::DeniedPath,
+                    "{who:?} {bad}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn export_is_the_owners() {
+        assert_eq!(
+            check(STRICT, AccessMode::View, "POST", "/api/export/html", false).unwrap_err(),
+            ErrorKind::DeniedReadOnly
+        );
+        assert!(check(STRICT, AccessMode::Edit, "POST", "/api/export/html", false).is_ok());
+    }
+
     #[test]
     fn path_mode_prefix_is_skipped() {
         let mut p = parts("POST", "/notebooks/NOTEBOOK01/api/kernel/run");
         let e = STRICT
-            .authorize(&keys(), &ident(AccessMode::View), &mut p, 21, false)
+            .authorize(&keys(), &ident(AccessMode::View), &mut p, 21, false, OWN)
             .unwrap_err();
         assert_eq!(e.kind, ErrorKind::DeniedReadOnly);
         let mut p = parts("GET", "/notebooks/NOTEBOOK01/");
         assert!(STRICT
-            .authorize(&keys(), &ident(AccessMode::View), &mut p, 21, false)
+            .authorize(&keys(), &ident(AccessMode::View), &mut p, 21, false, OWN)
             .is_ok());
     }
 }

@@ -525,6 +525,7 @@ async fn pipeline(
         &mut parts,
         loc.base_len,
         upgrade,
+        &route.origin,
     )?;
     ctx.decision = Some(decision);
     if decision.kiosk_redirect {
@@ -552,7 +553,6 @@ async fn pipeline(
         shared.cookie_names[1].as_str(),
     ];
     if decision.transport == Transport::WebSocket {
-        ws::check_origin(&parts.headers, &route)?;
         rewrite_request_headers(
             &mut parts.headers,
             &names,

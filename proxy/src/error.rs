@@ -69,8 +69,12 @@ pub enum ErrorKind {
     DeniedPath,
     /// A Marimo session id that does not have Marimo's shape.
     DeniedSessionId,
-    /// A WebSocket upgrade from another origin (cross-site WebSocket hijacking).
+    /// A state-changing request or a session transport from another origin than the
+    /// notebook's own (cross-site request forgery, WebSocket hijacking; sibling notebooks too).
     DeniedOrigin,
+    /// A query Marimo would read differently from the edge: an encoded or malformed key where
+    /// the edge binds or drops one (`%73ession_id`), or a repeated `session_id`/`kiosk`.
+    DeniedQuery,
     /// A malformed request (bad URI, bad header value).
     BadRequest,
     /// The notebook server refused the connection or could not be reached in time.
@@ -170,6 +174,7 @@ impl ErrorKind {
             DeniedPath => "bad_path",
             DeniedSessionId => "bad_session_id",
             DeniedOrigin => "bad_origin",
+            DeniedQuery => "bad_query",
             BadRequest => "bad_request",
             UpstreamConnect => "upstream_connect",
             UpstreamTimeout => "upstream_timeout",
@@ -195,7 +200,7 @@ impl ErrorKind {
             | DeniedSessionId
             | DeniedOrigin => StatusCode::FORBIDDEN,
             LinkReplayed => StatusCode::CONFLICT,
-            BadRequest => StatusCode::BAD_REQUEST,
+            BadRequest | DeniedQuery => StatusCode::BAD_REQUEST,
             ReplayStoreUnavailable | UpstreamConnect | UpstreamTimeout | UpstreamProtocol => {
                 StatusCode::BAD_GATEWAY
             }
@@ -208,7 +213,12 @@ impl ErrorKind {
         use ErrorKind::*;
         matches!(
             self,
-            DeniedReadOnly | DeniedCredentialEndpoint | DeniedPath | DeniedSessionId | DeniedOrigin
+            DeniedReadOnly
+                | DeniedCredentialEndpoint
+                | DeniedPath
+                | DeniedSessionId
+                | DeniedOrigin
+                | DeniedQuery
         )
     }
 
@@ -266,7 +276,7 @@ impl ErrorKind {
             DeniedCredentialEndpoint | DeniedPath | DeniedSessionId | DeniedOrigin => {
                 ("Forbidden", "This request is not allowed.")
             }
-            BadRequest => ("Bad request", "The request could not be understood."),
+            BadRequest | DeniedQuery => ("Bad request", "The request could not be understood."),
             UpstreamConnect | UpstreamTimeout | UpstreamProtocol => (
                 "Notebook not responding",
                 "The notebook server is not responding. It may be starting or stopping; try again in a moment.",
@@ -376,6 +386,9 @@ mod tests {
         assert_eq!(ErrorKind::UpstreamConnect.status(), 502);
         assert_eq!(ErrorKind::SessionExpired.status(), 401);
         assert!(ErrorKind::DeniedReadOnly.is_denial());
+        assert_eq!(ErrorKind::DeniedQuery.status(), 400);
+        assert!(ErrorKind::DeniedQuery.is_denial());
+        assert_eq!(ErrorKind::DeniedOrigin.status(), 403);
         assert!(!ErrorKind::NoSession.is_denial());
     }
 }

@@ -57,6 +57,7 @@ const ALL_KINDS: &[ErrorKind] = &[
     ErrorKind::DeniedPath,
     ErrorKind::DeniedSessionId,
     ErrorKind::DeniedOrigin,
+    ErrorKind::DeniedQuery,
     ErrorKind::BadRequest,
     ErrorKind::UpstreamConnect,
     ErrorKind::UpstreamTimeout,

@@ -113,15 +113,6 @@ pub fn handshake_kind<B>(req: &http::Request<B>) -> Option<Handshake> {
         .then_some(Handshake::Upgrade)
 }
 
-/// Checks `Origin` against the notebook's own origin: Marimo does not, and without it any site
-/// the member visits could open the notebook's socket with the member's cookie.
-pub fn check_origin(headers: &HeaderMap, route: &RouteEntry) -> Result<(), EdgeError> {
-    match headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
-        Some(o) if o.eq_ignore_ascii_case(&route.origin) => Ok(()),
-        _ => Err(EdgeError::new(ErrorKind::DeniedOrigin, "websocket origin")),
-    }
-}
-
 /// What the relay task needs to know about its socket.
 pub struct RelayCtx {
     pub identity: Identity,
