@@ -1389,3 +1389,61 @@ async fn upstream_framings_stream_through_the_edge() {
     assert_eq!(resp.status(), 502);
     edge.stop().await;
 }
+
+/// Marimo opens whatever file `X-Notebook-Id` names: the browser's never goes upstream, on any
+/// of the three ways a request leaves the edge (HTTP/1.1 encoder, HTTP/2 pool, WebSocket
+/// handshake); the edge's own, naming the notebook's file, always does. `file=` is dropped on
+/// the way too.
+#[tokio::test]
+async fn the_browsers_notebook_id_and_file_never_reach_the_upstream() {
+    let keys = Keys::generate();
+    let up = FakeUpstream::start().await;
+    let r = route(NB, "SESSION001", up.addr, id(OWNER), &[id(VIEWER)]);
+    let edge = TestEdge::start(&keys, std::slice::from_ref(&r), EdgeOptions::default()).await;
+    let owner = login(&edge, &keys, &r, id(OWNER), AccessMode::Edit).await;
+    let forged = "%2Fother%2Fnotebook.py";
+    let path = format!("/notebooks/{NB}/public/x.png?file={forged}&v=1");
+    let resp = client()
+        .get(edge.url(&path))
+        .header("cookie", &owner)
+        .header("x-notebook-id", forged)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut h2 = h2_client(edge.addr).await;
+    let req = http::Request::get(edge.url(&path))
+        .header("cookie", &owner)
+        .header("x-notebook-id", forged)
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    assert_eq!(h2.send_request(req).await.unwrap().status(), 200);
+    let seen = up.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2);
+    for s in &seen {
+        let ids: Vec<_> = s.headers.get_all("x-notebook-id").iter().collect();
+        assert_eq!(ids, ["notebook.py"], "{}", s.uri);
+        assert!(s.uri.ends_with("/public/x.png?v=1"), "{}", s.uri);
+    }
+    edge.stop().await;
+
+    let w = ws_world(EdgeOptions::default()).await;
+    let owner = login(&w.edge, &w.keys, &w.route, id(OWNER), AccessMode::Edit).await;
+    let mut s = TcpStream::connect(w.edge.addr).await.unwrap();
+    s.write_all(format!(
+        "GET /notebooks/{NB}/ws?session_id=s_aaaaaa&file={forged} HTTP/1.1\r\nHost: {}\r\nOrigin: {}\r\nCookie: {owner}\r\nX-Notebook-Id: {forged}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        w.edge.addr,
+        w.edge.origin()
+    ).as_bytes()).await.unwrap();
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 101");
+    let seen = w.up.uris.lock().unwrap()[0].to_ascii_lowercase();
+    assert!(!seen.contains("other"), "{seen}");
+    assert_eq!(
+        seen.matches("x-notebook-id: notebook.py\r\n").count(),
+        1,
+        "{seen}"
+    );
+    w.edge.stop().await;
+}
