@@ -83,7 +83,7 @@ use Kind::{Post, Read, Stream};
 use Pattern::{Exact, Prefix};
 
 /// THE viewer allow-list (research §2.2 and §4), relative to the notebook root. Anything not
-/// here is refused for `view` sessions. The tests below and `tests/marimo_readonly.rs` try every
+/// here is refused for `view` sessions. The tests below and `tests/marimo.rs` try every
 /// route the research marks "deny" against it and against a real Marimo server.
 pub static VIEWER_ALLOW: &[Rule] = &[
     // Pages and static assets.
