@@ -23,6 +23,13 @@ echo "$TEST_POSTGRES_URL"
 cleanup() { if [ -n "$started_pg" ]; then scripts/pg-test-server.sh stop || true; fi; }
 trap cleanup EXIT
 
+step "notebook sandbox tools (bubblewrap, passt)"
+if ! command -v bwrap >/dev/null || ! command -v pasta >/dev/null; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends bubblewrap passt
+fi
+bwrap --version; command -v pasta
+
 step "notebook Python environment (marimo, pysail, pyspark-client)"
 scripts/setup-python.sh "$root/.venv"
 export NOTEBOOK_VENV="$root/.venv"

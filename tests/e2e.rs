@@ -234,6 +234,24 @@ async fn a_notebook_runs_spark_through_the_edge_and_viewers_only_mirror_it() {
         .await
         .expect("spark result on the owner's socket");
 
+    // The owner's code runs sandboxed: Marina's admin key, two levels above the notebook's
+    // directory on the host (it is there: positive control), does not exist for it, while its
+    // own notebook does, at the neutral path /notebook.
+    assert!(m.dir.path().join("admin-api-key").is_file());
+    let code = "import os\ndef _r(p):\n    try:\n        return open(p).read()[:6]\n    except Exception as e:\n        return type(e).__name__\nprint('probe', _r('../../admin-api-key'), _r('notebook.py'), os.path.abspath('notebook.py'))";
+    let run = json!({"cellIds": ["e2ecell02"], "codes": [code]});
+    assert_eq!(
+        post_marimo(&m.http, &owner, "api/kernel/run", "s_owner1", &token, run).await,
+        200
+    );
+    read_until(
+        &mut owner_ws,
+        "probe FileNotFoundError import /notebook/notebook.py",
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("the sandboxed cell's view of the files");
+
     // A team member gets a view URL: the page and a kiosk mirror of the owner's session.
     let open = m
         .ok(

@@ -356,6 +356,27 @@ pub struct LocalRuntimeSettings {
     pub venv_dir: Option<PathBuf>,
     /// Address the notebook servers bind to. Default `127.0.0.1`.
     pub bind_host: String,
+    /// How notebook code is isolated: `bubblewrap` (default: each notebook in its own mount,
+    /// PID, IPC and network namespaces, see docs/runtimes.md) or `none`, an explicit opt-out
+    /// for single-user use in which notebook code runs as Marina's own user with Marina's
+    /// files in reach.
+    pub sandbox: SandboxKind,
+    /// Whether sandboxed notebook code may open connections to the internet (through
+    /// `pasta`). Default true. Marina's own listeners and other notebooks stay out of reach
+    /// either way.
+    pub notebook_internet: bool,
+    /// `uid:gid` that sandboxed notebook processes run as when Marina runs as root. Default
+    /// `65534:65534` (nobody). Ignored otherwise: an unprivileged Marina maps its own user to
+    /// an unprivileged user inside each sandbox.
+    pub sandbox_user: String,
+}
+
+/// `runtime.local.sandbox`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SandboxKind {
+    Bubblewrap,
+    None,
 }
 
 impl Default for LocalRuntimeSettings {
@@ -364,6 +385,9 @@ impl Default for LocalRuntimeSettings {
             python: "python3".into(),
             venv_dir: None,
             bind_host: "127.0.0.1".into(),
+            sandbox: SandboxKind::Bubblewrap,
+            notebook_internet: true,
+            sandbox_user: "65534:65534".into(),
         }
     }
 }
@@ -486,6 +510,12 @@ impl Settings {
         if self.tokens.leeway_seconds > 300 {
             return bad("tokens.leeway_seconds", "must be at most 300");
         }
+        if parse_uid_gid(&self.runtime.local.sandbox_user).is_none() {
+            return bad(
+                "runtime.local.sandbox_user",
+                "must be uid:gid, two numbers other than 0 (e.g. 65534:65534)",
+            );
+        }
         let db = &self.database.url;
         if !(db.is_empty()
             || db.starts_with("postgres://")
@@ -503,6 +533,11 @@ impl Settings {
             }
         }
         Ok(())
+    }
+
+    /// `runtime.local.sandbox_user` as numbers (validated at load).
+    pub fn sandbox_user(&self) -> Option<(u32, u32)> {
+        parse_uid_gid(&self.runtime.local.sandbox_user)
     }
 
     /// Resolves an optional path setting against the data directory.
@@ -546,6 +581,17 @@ impl Settings {
             self.proxy.frame_ancestors.clone()
         }
     }
+}
+
+/// `uid:gid`, both non-zero: a sandbox user may never be root.
+fn parse_uid_gid(s: &str) -> Option<(u32, u32)> {
+    let (u, g) = s.split_once(':')?;
+    let digits = |x: &str| !x.is_empty() && x.bytes().all(|b| b.is_ascii_digit());
+    if !digits(u) || !digits(g) {
+        return None;
+    }
+    let (u, g) = (u.parse().ok()?, g.parse().ok()?);
+    (u != 0 && g != 0).then_some((u, g))
 }
 
 /// Splits `scheme://authority[/]` into its parts; `None` for anything else.

@@ -32,6 +32,10 @@ impl Runtime for NoRuntime {
     fn name(&self) -> &'static str {
         "none"
     }
+
+    fn isolation(&self) -> &'static str {
+        "none"
+    }
     async fn prepare(&self) -> Result<(), RuntimeError> {
         Ok(())
     }

@@ -1069,6 +1069,8 @@ async fn operational_endpoints() {
         (s, hc["edgeOrigin"].as_str()),
         (StatusCode::OK, Some("http://127.0.0.1:8000"))
     );
+    // The test runtime isolates nothing, and the page is told so (it then shows a warning).
+    assert_eq!(hc["notebookIsolation"], "none");
     let (s, headers, _) = h.raw(Request::get("/").body(Body::empty()).unwrap()).await;
     assert_eq!(s, StatusCode::OK);
     assert!(headers["content-type"]

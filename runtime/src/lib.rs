@@ -96,6 +96,11 @@ pub trait Runtime: Send + Sync + 'static {
     /// A short name for logs and metrics (`local`, `kubernetes`).
     fn name(&self) -> &'static str;
 
+    /// How notebook code is isolated from Marina and from other notebooks: `bubblewrap`
+    /// (the local sandbox), `kubernetes` (pods), or `none` (the local runtime's explicit
+    /// single-user opt-out). Shown on the host page and in logs.
+    fn isolation(&self) -> &'static str;
+
     /// Prepares what every notebook needs (the local Python environment). May take minutes on
     /// first use and reports progress through `tracing`; later calls return at once.
     async fn prepare(&self) -> Result<(), RuntimeError>;

@@ -51,9 +51,14 @@ fn spec(id: Id, base_url: Option<String>) -> StartSpec {
     }
 }
 
-/// Non-zombie processes whose command line mentions `dir` or whose working directory is in
-/// it (Marimo's kernels are `python -c ...` children running from the notebook directory).
+/// Non-zombie processes of a notebook: those whose command line mentions `dir` or whose
+/// working directory is in it (unsandboxed: Marimo's kernels are `python -c ...` children
+/// running from the notebook directory), and every process in the PID namespaces of its
+/// sandboxes (sandboxed processes see the notebook at `/notebook`, so only their namespace
+/// names them). The namespaces are read from the notebook's `run.json` while it runs and
+/// remembered, so a check after the stop still looks in them.
 fn processes_under(dir: &Path) -> Vec<(i32, String)> {
+    let namespaces = sandbox_namespaces(dir);
     let needle = dir.to_string_lossy().to_string();
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
@@ -74,11 +79,48 @@ fn processes_under(dir: &Path) -> Vec<(i32, String)> {
         let cwd = std::fs::read_link(format!("/proc/{pid}/cwd"))
             .map(|p| p.to_string_lossy().to_string())
             .unwrap_or_default();
-        if cmdline.contains(&needle) || cwd.starts_with(&needle) {
+        let pid_ns = std::fs::read_link(format!("/proc/{pid}/ns/pid"))
+            .map(|p| p.to_string_lossy().to_string())
+            .unwrap_or_default();
+        if cmdline.contains(&needle) || cwd.starts_with(&needle) || namespaces.contains(&pid_ns) {
             found.push((pid, cmdline));
         }
     }
     found
+}
+
+/// The PID namespaces of a notebook's sandboxes (the namespaces of the children of the
+/// recorded outer `bwrap` processes), remembered per directory across calls.
+fn sandbox_namespaces(dir: &Path) -> Vec<String> {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    static SEEN: Mutex<Option<HashMap<PathBuf, Vec<String>>>> = Mutex::new(None);
+    let mut seen = SEEN.lock().unwrap();
+    let known = seen
+        .get_or_insert_with(HashMap::new)
+        .entry(dir.to_owned())
+        .or_default();
+    let run: serde_json::Value = std::fs::read_to_string(dir.join("run.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    let own = std::fs::read_link("/proc/self/ns/pid").unwrap_or_default();
+    for server in ["sail", "marimo"] {
+        let Some(pid) = run[server]["pid"].as_i64() else {
+            continue;
+        };
+        let children =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+        for child in children.split_whitespace() {
+            if let Ok(ns) = std::fs::read_link(format!("/proc/{child}/ns/pid")) {
+                let ns = ns.to_string_lossy().to_string();
+                if ns != own.to_string_lossy() && !known.contains(&ns) {
+                    known.push(ns);
+                }
+            }
+        }
+    }
+    known.clone()
 }
 
 /// Kills a test's notebooks when the test panics before stopping them: they run in their own
@@ -190,6 +232,10 @@ async fn notebook_runs_spark_through_marimo_and_stops_cleanly() {
             // A kernel process now exists, so the check below is meaningful.
             let before = processes_under(&nb_dir);
             assert!(before.len() >= 3, "sail, marimo and a kernel: {before:?}");
+            assert!(
+                !sandbox_namespaces(&nb_dir).is_empty(),
+                "the notebook runs in PID namespaces of its own"
+            );
 
             // Secrets: run.json is private; no log holds the token.
             use std::os::unix::fs::PermissionsExt;
@@ -203,9 +249,9 @@ async fn notebook_runs_spark_through_marimo_and_stops_cleanly() {
                 assert!(!text.contains(&endpoint.token), "{log} leaks the token");
             }
             // The notebook is edited, and must survive the stop.
-            let mut nb = std::fs::read_to_string(nb_dir.join("notebook.py")).unwrap();
+            let mut nb = std::fs::read_to_string(nb_dir.join("work/notebook.py")).unwrap();
             nb.push_str("\n# kept across restarts\n");
-            std::fs::write(nb_dir.join("notebook.py"), nb).unwrap();
+            std::fs::write(nb_dir.join("work/notebook.py"), nb).unwrap();
         }
 
         let t = Instant::now();
@@ -220,7 +266,7 @@ async fn notebook_runs_spark_through_marimo_and_stops_cleanly() {
         );
         assert_eq!(rt.health(id).await.unwrap(), Health::Missing);
         assert!(!nb_dir.join("run.json").exists());
-        assert!(std::fs::read_to_string(nb_dir.join("notebook.py"))
+        assert!(std::fs::read_to_string(nb_dir.join("work/notebook.py"))
             .unwrap()
             .contains("# kept across restarts"));
         // Stopping again is not an error.
@@ -425,7 +471,9 @@ async fn libraries_are_installed_into_the_notebook_overlay() {
     let _kill_on_panic = KillOnPanic(data.path().to_owned());
     let rt = LocalRuntime::new(&settings(data.path())).unwrap();
     let id = Id::random();
-    let wheel = probe_wheel(data.path());
+    // Outside the data directory: files in it are refused as library sources.
+    let wheels = tempfile::tempdir().unwrap();
+    let wheel = probe_wheel(wheels.path());
     let mut spec = spec(id, None);
     spec.sail = sail_config(&format!(
         r#"{{"libraries": [{{"whl": "{}"}}]}}"#,
@@ -474,6 +522,22 @@ async fn libraries_are_installed_into_the_notebook_overlay() {
     assert!(err.contains("exactly one of"), "{err}");
     // Validation comes before any install: the valid entry before the bad one was not fetched.
     assert!(!rt.notebook_dir(id).join("site/six.py").exists());
+
+    // A "wheel" or requirements file inside Marina's data directory is refused: pip would
+    // quote a key file's lines in its error.
+    std::fs::write(data.path().join("admin-api-key"), "mk_SECRET").unwrap();
+    let mut bad = self::spec(id, None);
+    bad.sail = sail_config(&format!(
+        r#"{{"libraries": [{{"requirements": {{"source": "file", "uri": "{}"}}}}]}}"#,
+        data.path().join("admin-api-key").display()
+    ));
+    let err = rt.start(&bad).await.unwrap_err().to_string();
+    assert!(
+        err.contains("libraries[0]")
+            && err.contains("data directory")
+            && !err.contains("mk_SECRET"),
+        "{err}"
+    );
 }
 
 /// Creates the notebook environment from nothing, as a first `marina serve` does: downloads

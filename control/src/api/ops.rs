@@ -56,8 +56,13 @@ pub async fn host_page() -> Html<&'static str> {
     Html(include_str!("../../host/index.html"))
 }
 
-/// What the host page needs to know: where the edge is.
+/// What the host page needs to know: where the edge is, and how notebooks are isolated
+/// (`bubblewrap`, `kubernetes`, or `none`: then the page warns that notebooks run
+/// unsandboxed).
 #[utoipa::path(get, path = "/host-config.json", tag = "operations", responses((status = 200)))]
 pub async fn host_config(State(state): State<AppState>) -> impl IntoResponse {
-    AxumJson(json!({ "edgeOrigin": state.settings.proxy.public_url.trim_end_matches('/') }))
+    AxumJson(json!({
+        "edgeOrigin": state.settings.proxy.public_url.trim_end_matches('/'),
+        "notebookIsolation": state.runtime.isolation(),
+    }))
 }

@@ -99,6 +99,10 @@ impl Runtime for TestRuntime {
         "test"
     }
 
+    fn isolation(&self) -> &'static str {
+        "none"
+    }
+
     async fn prepare(&self) -> Result<(), RuntimeError> {
         Ok(())
     }

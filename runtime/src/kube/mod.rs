@@ -306,6 +306,10 @@ impl Runtime for KubeRuntime {
         "kubernetes"
     }
 
+    fn isolation(&self) -> &'static str {
+        "kubernetes"
+    }
+
     /// Nothing to prepare: images are pulled by the kubelets.
     async fn prepare(&self) -> Result<(), RuntimeError> {
         Ok(())

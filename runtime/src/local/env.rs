@@ -87,6 +87,7 @@ impl PythonEnv {
                 .arg(&self.dir),
             "python -m venv",
             QUICK_STEP_TIMEOUT,
+            None,
         )
         .await?;
         let req = self.dir.join("marina-requirements.txt");
@@ -104,6 +105,7 @@ impl PythonEnv {
                 .arg(&req),
             "pip install",
             INSTALL_TIMEOUT,
+            None,
         )
         .await?;
         // The stamp is written last: an interrupted install is redone next time.
@@ -158,6 +160,7 @@ pub async fn run_logged(
     cmd: &mut Command,
     what: &str,
     timeout: Duration,
+    network: Option<(&super::sandbox::Sandbox, &super::sandbox::Ports)>,
 ) -> Result<(), RuntimeError> {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -166,6 +169,25 @@ pub async fn run_logged(
     let mut child = cmd
         .spawn()
         .map_err(|e| env_err(format!("cannot run {what}: {e}")))?;
+    // A sandboxed command gets its network once its namespaces exist; the helper exits by
+    // itself when they go, and is killed with this function's scope in any case.
+    let _net = match (network, child.id()) {
+        (Some((sandbox, ports)), Some(pid)) => {
+            let mut net = sandbox
+                .network(pid, ports)
+                .await
+                .map_err(|e| env_err(format!("{what}: sandbox network: {e}")))?;
+            net.stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .kill_on_drop(true);
+            Some(
+                net.spawn()
+                    .map_err(|e| env_err(format!("{what}: cannot run pasta: {e}")))?,
+            )
+        }
+        _ => None,
+    };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     for pipe in [
         child

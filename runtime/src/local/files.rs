@@ -1,7 +1,12 @@
 //! The files of a local notebook, all under `DATA_DIR/notebooks/<ID>/`:
 //!
-//! - `notebook.py`: the notebook itself; created once with a default, kept across stops,
-//!   restarts and Marina upgrades (Marimo saves edits into it).
+//! - `work/`: the notebook's own directory, the only one its code sees (at `/notebook` inside
+//!   its sandbox) and may write: `work/notebook.py`, the notebook itself, created once with a
+//!   default and kept across stops, restarts and Marina upgrades (Marimo saves edits into it),
+//!   and whatever the notebook's code writes beside it.
+//!
+//! Everything else is Marina's and out of the notebook's reach (a notebook that could write
+//! `run.json` could make Marina signal any process):
 //! - `run.json` (0600): what runs now (pids, ports, session id, Marimo token). Written when a
 //!   start spawns processes, removed when they are stopped. It is how a restarted Marina finds,
 //!   adopts or kills processes a crashed one left behind.
@@ -9,6 +14,9 @@
 //!   appears on a command line.
 //! - `logs/sail.log`, `logs/marimo.log`: the servers' output, appended across starts.
 //! - `site/`: libraries from the workload config, installed with `pip --target`.
+//! - `sandbox-passwd`, `sandbox-group`: the sandbox's `/etc/passwd` and `/etc/group`.
+//!
+//! A notebook directory from before `work/` existed is moved into it at the next start.
 
 use std::path::{Path, PathBuf};
 
@@ -57,8 +65,12 @@ impl NotebookDir {
             root: notebooks_dir.join(id.as_str()),
         }
     }
+    /// The notebook's own directory (see the module documentation).
+    pub fn work(&self) -> PathBuf {
+        self.root.join("work")
+    }
     pub fn notebook(&self) -> PathBuf {
-        self.root.join("notebook.py")
+        self.work().join("notebook.py")
     }
     pub fn run_file(&self) -> PathBuf {
         self.root.join("run.json")
@@ -75,6 +87,10 @@ impl NotebookDir {
     pub fn marimo_log(&self) -> PathBuf {
         self.logs().join("marimo.log")
     }
+    /// The pinned requirements, as pip constraints for libraries and `pip install` in cells.
+    pub fn constraints(&self) -> PathBuf {
+        self.root.join("constraints.txt")
+    }
     pub fn site(&self) -> PathBuf {
         self.root.join("site")
     }
@@ -82,6 +98,7 @@ impl NotebookDir {
     /// Creates the directories and, on first use, the default notebook.
     pub fn create(&self) -> std::io::Result<()> {
         std::fs::create_dir_all(self.logs())?;
+        self.move_into_work()?;
         let nb = self.notebook();
         if !nb.exists() {
             std::fs::write(&nb, DEFAULT_NOTEBOOK)?;
@@ -90,12 +107,51 @@ impl NotebookDir {
     }
 }
 
+impl NotebookDir {
+    /// Names at the top of a notebook directory that are Marina's, not the notebook's.
+    const MARINA_FILES: &'static [&'static str] = &[
+        "work",
+        "logs",
+        "site",
+        "run.json",
+        "marimo-token",
+        "constraints.txt",
+        "sandbox-passwd",
+        "sandbox-group",
+    ];
+
+    /// Before `work/`, the notebook and its files sat at the top: they move into `work/`
+    /// once, so an upgraded Marina keeps every notebook.
+    fn move_into_work(&self) -> std::io::Result<()> {
+        let work = self.work();
+        if work.exists() {
+            return Ok(());
+        }
+        std::fs::create_dir_all(&work)?;
+        for entry in std::fs::read_dir(&self.root)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if Self::MARINA_FILES.contains(&name.as_ref()) || name.starts_with("requirements-") {
+                continue;
+            }
+            std::fs::rename(entry.path(), work.join(entry.file_name()))?;
+        }
+        Ok(())
+    }
+}
+
 /// One server process of a notebook.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServerRecord {
+    /// The server, or the outer `bwrap` of its sandbox.
     #[serde(flatten)]
     pub proc: ProcId,
+    /// The port on the host.
     pub port: u16,
+    /// The sandbox's network helper (`pasta`), a process group of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<ProcId>,
 }
 
 /// `run.json`: a started notebook, as a later Marina process needs to find it again.
@@ -143,9 +199,10 @@ impl RunRecord {
 
     /// The process groups to tear down.
     pub fn groups(&self) -> Vec<ProcId> {
-        let mut g = vec![self.sail.proc.clone()];
-        if let Some(m) = &self.marimo {
-            g.push(m.proc.clone());
+        let mut g = Vec::with_capacity(4);
+        for s in std::iter::once(&self.sail).chain(self.marimo.as_ref()) {
+            g.push(s.proc.clone());
+            g.extend(s.net.clone());
         }
         g
     }
@@ -197,8 +254,13 @@ mod tests {
             sail: ServerRecord {
                 proc: proc.clone(),
                 port: 1,
+                net: None,
             },
-            marimo: Some(ServerRecord { proc, port: 2 }),
+            marimo: Some(ServerRecord {
+                proc: proc.clone(),
+                port: 2,
+                net: Some(proc),
+            }),
             token: "t".into(),
         };
         let path = dir.path().join("run.json");
@@ -209,5 +271,39 @@ mod tests {
             format!("http://127.0.0.1:2/notebooks/{id}/health")
         );
         assert_eq!(host_port("::1", 5), "[::1]:5");
+        assert_eq!(
+            record.groups().len(),
+            3,
+            "both servers and one network helper"
+        );
+    }
+
+    #[test]
+    fn an_old_notebook_directory_moves_into_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = Id::random();
+        let nb = NotebookDir::new(dir.path(), id);
+        std::fs::create_dir_all(nb.logs()).unwrap();
+        std::fs::write(nb.root.join("notebook.py"), "# mine\n").unwrap();
+        std::fs::create_dir_all(nb.root.join("public")).unwrap();
+        std::fs::write(nb.root.join("public/a.png"), "png").unwrap();
+        std::fs::write(nb.run_file(), "{}").unwrap();
+        nb.create().unwrap();
+        assert_eq!(std::fs::read_to_string(nb.notebook()).unwrap(), "# mine\n");
+        assert!(nb.work().join("public/a.png").exists());
+        assert!(
+            nb.run_file().exists(),
+            "Marina's files stay where they were"
+        );
+        assert!(!nb.work().join("run.json").exists());
+        // A second create changes nothing, and a new notebook gets the default.
+        nb.create().unwrap();
+        assert_eq!(std::fs::read_to_string(nb.notebook()).unwrap(), "# mine\n");
+        let fresh = NotebookDir::new(dir.path(), Id::random());
+        fresh.create().unwrap();
+        assert_eq!(
+            std::fs::read_to_string(fresh.notebook()).unwrap(),
+            DEFAULT_NOTEBOOK
+        );
     }
 }

@@ -1,22 +1,33 @@
-//! The local runtime: each notebook is two child processes of Marina on this machine.
+//! The local runtime: each notebook is two servers on this machine, each in a sandbox.
 //!
 //! ```text
-//! sail spark server --ip 127.0.0.1 --port <free>           (always loopback)
-//! marimo -q edit --headless --host <bind_host> --port <free> --skip-update-check \
-//!        --token-password-file DATA_DIR/notebooks/<ID>/marimo-token [--base-url <base>] notebook.py
-//!   env: SPARK_REMOTE=sc://127.0.0.1:<sail port>, the workload config's extraEnv,
-//!        PYTHONPATH=<the notebook's library overlay> when it has libraries
+//! [sandbox] sail spark server --ip 127.0.0.1 --port 50051
+//!           host 127.0.0.1:<free S> ──pasta──▶ 127.0.0.1:50051 inside
+//! [sandbox] marimo -q edit --headless --host 127.0.0.1 --port 2718 --skip-update-check \
+//!                  --token-password-file /run/marina/marimo-token [--base-url <base>] \
+//!                  /notebook/notebook.py
+//!           host <bind_host>:<free M> ──pasta──▶ 127.0.0.1:2718 inside
+//!           inside 127.0.0.1:50051 ──pasta──▶ host 127.0.0.1:S (its own Sail, nothing else)
+//!   env: SPARK_REMOTE=sc://127.0.0.1:50051, the workload config's extraEnv,
+//!        PYTHONPATH=<libraries>:/notebook/.packages, PIP_TARGET=/notebook/.packages
 //! ```
 //!
+//! - What a sandbox isolates and how is [`sandbox`]'s to say; `runtime.local.sandbox = "none"`
+//!   runs the same two servers unsandboxed, as Marina's own user, for single-user use only
+//!   (then Sail listens on the host's loopback and Marimo on `bind_host` directly).
 //! - Both run from the shared virtualenv ([`env`]), each as the leader of its own process group
-//!   ([`process`]), so stopping a notebook also reaches Marimo's kernel processes.
+//!   ([`process`]), so stopping a notebook also reaches Marimo's kernel processes; a
+//!   sandbox's PID namespace makes sure nothing inside outlives it.
 //! - `-q` keeps Marimo from printing its start-up banner, which contains the access token.
-//! - Marina's own `MARINA_*` settings variables (which may hold secrets) are removed from the
-//!   children's environment: notebook code can read its process environment.
+//! - The children's environment is built, not inherited ([`sandbox::base_env`]): Marina's
+//!   settings variables may hold secrets, and notebook code can read its process environment.
 //! - Libraries (`config.sail.libraries`) are installed per notebook with `pip install --target
-//!   DATA_DIR/notebooks/<ID>/site`, constrained by the pinned requirements so they cannot
+//!   DATA_DIR/notebooks/<ID>/site` (in a sandbox of their own, since installing runs the
+//!   packages' build code), constrained by the pinned requirements so they cannot
 //!   replace marimo, pysail, pyspark-client or pandas with incompatible versions, and put on
 //!   the kernel's `PYTHONPATH`. They are reinstalled only when the list changes.
+//! - `pip install` from a cell installs into `/notebook/.packages` (`PIP_TARGET`), constrained
+//!   the same way (`PIP_CONSTRAINT`): the shared environment is read-only.
 //! - `executionMode`: `local` runs Sail in its default single-process mode; `local-cluster`
 //!   sets `SAIL_MODE=local-cluster` with `maxNodes` workers; `kubernetes-cluster` needs the
 //!   Kubernetes runtime and fails the start with a message saying so.
@@ -32,6 +43,7 @@
 pub mod env;
 pub mod files;
 pub mod process;
+pub mod sandbox;
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
@@ -41,6 +53,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use marina_config::settings::SandboxKind;
 use marina_config::workload::{Library, SailConfig};
 use marina_config::{Id, Settings};
 use tokio::process::Command;
@@ -50,10 +63,11 @@ use crate::{Endpoint, Expected, Health, Runtime, RuntimeError, StartSpec};
 use env::PythonEnv;
 use files::{host_port, NotebookDir, RunRecord, ServerRecord};
 use process::ProcId;
+use sandbox::{Ports, Sandbox};
 
-/// Sail always listens on loopback, whatever `runtime.local.bind_host` says: only the
+/// Sail's host port is always on loopback, whatever `runtime.local.bind_host` says: only the
 /// notebook's own kernel connects to it, and its Spark Connect port has no authentication and
-/// gives clients the server's filesystem.
+/// gives clients the server's filesystem (in a sandbox, only the sandbox's).
 const SAIL_HOST: &str = "127.0.0.1";
 /// How long stopped servers get between SIGTERM and SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(3);
@@ -67,7 +81,14 @@ const LIBRARY_INSTALL_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 /// Runs notebooks as local child processes. See the module documentation.
 pub struct LocalRuntime {
     env: PythonEnv,
+    data_dir: PathBuf,
     notebooks_dir: PathBuf,
+    isolation: SandboxKind,
+    internet: bool,
+    sandbox_user: (u32, u32),
+    /// Made once, by the first [`Runtime::prepare`] or start: `Err` says why this machine
+    /// cannot sandbox notebooks.
+    sandbox: tokio::sync::OnceCell<Result<Sandbox, String>>,
     host: String,
     start_timeout: Duration,
     http: reqwest::Client,
@@ -125,6 +146,11 @@ impl LocalRuntime {
         Ok(LocalRuntime {
             env: PythonEnv::new(local.python.clone(), venv),
             notebooks_dir: data_dir.join("notebooks"),
+            data_dir,
+            isolation: local.sandbox,
+            internet: local.notebook_internet,
+            sandbox_user: settings.sandbox_user().unwrap_or((65534, 65534)),
+            sandbox: tokio::sync::OnceCell::new(),
             host: local.bind_host.clone(),
             start_timeout: Duration::from_secs(settings.control.start_timeout_seconds.max(1)),
             http,
@@ -165,26 +191,67 @@ impl LocalRuntime {
         RunRecord::read(&self.dir(id).run_file()).ok()
     }
 
-    /// Environment of both servers: `extraEnv`, then what Marina must control.
-    fn server_env(
-        &self,
-        sail: &SailConfig,
-        sail_port: u16,
-        site: Option<&Path>,
-    ) -> Vec<(String, String)> {
+    /// The sandbox notebooks run in, or `None` when `runtime.local.sandbox = "none"`. Made
+    /// (and checked) once; a machine that cannot make one refuses to start notebooks.
+    async fn sandbox(&self) -> Result<Option<&Sandbox>, RuntimeError> {
+        if self.isolation == SandboxKind::None {
+            return Ok(None);
+        }
+        let made = self
+            .sandbox
+            .get_or_init(|| async {
+                Sandbox::detect(self.env.dir(), self.internet, self.sandbox_user)
+                    .await
+                    .map_err(|e| e.0)
+            })
+            .await;
+        match made {
+            Ok(s) => Ok(Some(s)),
+            Err(why) => Err(RuntimeError::Environment(format!(
+                "notebooks cannot be sandboxed on this machine: {why}. Install bubblewrap and \
+                 passt (Debian: apt-get install bubblewrap passt), or set \
+                 runtime.local.sandbox = \"none\" to run notebooks unsandboxed, for single-user \
+                 use only: notebook code can then read Marina's keys and database"
+            ))),
+        }
+    }
+
+    /// How notebooks are isolated, for logs and the host page.
+    pub fn isolation(&self) -> &'static str {
+        match self.isolation {
+            SandboxKind::Bubblewrap => "bubblewrap",
+            SandboxKind::None => "none",
+        }
+    }
+
+    /// Environment of both servers: `extraEnv`, then what Marina must control. `paths` says
+    /// where the notebook's directories are as the servers see them.
+    fn server_env(&self, sail: &SailConfig, paths: &ServerPaths) -> Vec<(String, String)> {
         let mut env: Vec<(String, String)> = sail
             .extra_env
             .iter()
             .map(|(k, v)| (k.clone(), v.value.clone()))
             .collect();
         env.push((
-            "SPARK_REMOTE".into(),
-            format!("sc://{}", host_port(SAIL_HOST, sail_port)),
+            "PATH".into(),
+            format!(
+                "{}:/usr/local/bin:/usr/bin:/bin",
+                self.env.dir().join("bin").display()
+            ),
         ));
+        env.push(("SPARK_REMOTE".into(), format!("sc://{}", paths.sail)));
         env.push(("MARIMO_SKIP_UPDATE_CHECK".into(), "1".into()));
-        if let Some(site) = site {
-            env.push(("PYTHONPATH".into(), site.display().to_string()));
-        }
+        let packages = paths.work.join(".packages").display().to_string();
+        let python_path = match &paths.libraries {
+            Some(site) => format!("{}:{packages}", site.display()),
+            None => packages.clone(),
+        };
+        env.push(("PYTHONPATH".into(), python_path));
+        env.push(("PIP_TARGET".into(), packages));
+        env.push((
+            "PIP_CONSTRAINT".into(),
+            paths.constraints.display().to_string(),
+        ));
         if sail.execution_mode == "local-cluster" {
             env.push(("SAIL_MODE".into(), "local-cluster".into()));
             let n = sail.compute.worker.max_nodes.to_string();
@@ -194,21 +261,15 @@ impl LocalRuntime {
         env
     }
 
-    /// Spawns one server (`sail` or `marimo`) in the notebook directory as the leader of a new
-    /// process group, output appended to `logs/<what>.log`, and a task that reaps it and
-    /// publishes how it exited.
-    fn spawn_server(
+    /// Opens (and rotates) `logs/<what>.log` for a server's output.
+    fn open_log(
         &self,
         what: &str,
-        program: PathBuf,
-        args: Vec<OsString>,
-        env: &[(String, String)],
         dir: &NotebookDir,
         session: Id,
-    ) -> Result<(ProcId, watch::Receiver<Option<String>>), RuntimeError> {
+    ) -> Result<std::fs::File, RuntimeError> {
         use std::io::Write;
         let log = &dir.logs().join(format!("{what}.log"));
-        let cwd = &dir.root;
         let backend = |e: std::io::Error| RuntimeError::Backend(format!("{}: {e}", log.display()));
         // Logs are appended across starts (a failure's context survives a restart); one
         // generation is kept so a long-lived notebook cannot fill the disk.
@@ -221,29 +282,68 @@ impl LocalRuntime {
             .open(log)
             .map_err(backend)?;
         writeln!(file, "--- marina: starting {what} (session {session}) ---").map_err(backend)?;
+        Ok(file)
+    }
+
+    /// Spawns one server (`sail` or `marimo`) as the leader of a new process group, output
+    /// appended to `logs/<what>.log`, and a task that reaps it and publishes how it exited.
+    /// In a sandbox, `launch`'s paths are the sandbox's, and its network helper is started
+    /// beside it.
+    async fn spawn_server(
+        &self,
+        what: &str,
+        launch: Launch<'_>,
+        dir: &NotebookDir,
+        session: Id,
+    ) -> Result<(ServerRecord, watch::Receiver<Option<String>>), RuntimeError> {
+        let file = self.open_log(what, dir, session)?;
+        let backend = |e: std::io::Error| RuntimeError::Backend(format!("{what} log: {e}"));
         let stderr = file.try_clone().map_err(backend)?;
-        let mut cmd = Command::new(&program);
-        cmd.args(&args)
-            .current_dir(cwd)
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(file))
-            .stderr(Stdio::from(stderr))
-            .process_group(0);
-        // Marina's settings may carry secrets (internal token, database URL); notebook code
-        // must not find them in its environment.
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("MARINA_") {
-                cmd.env_remove(k);
+        let net_log = file.try_clone().map_err(backend)?;
+        let work = dir.work();
+        let mut cmd = match launch.sandbox {
+            Some((sandbox, ref mounts, _)) => sandbox
+                .command(&sandbox::Spec {
+                    notebook: &work,
+                    mounts: mounts.clone(),
+                    private_dir: &dir.root,
+                    env: launch.env,
+                    program: launch.program.clone(),
+                    args: launch.args.clone(),
+                })
+                .map_err(|e| RuntimeError::Backend(format!("preparing the {what} sandbox: {e}")))?,
+            None => {
+                let mut cmd = Command::new(&launch.program);
+                cmd.args(&launch.args)
+                    .current_dir(&work)
+                    .process_group(0)
+                    .env_clear()
+                    .envs(sandbox::base_env(launch.env));
+                cmd
             }
-        }
-        cmd.envs(env.iter().map(|(k, v)| (k, v)));
+        };
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::from(file))
+            .stderr(Stdio::from(stderr));
         let mut child = cmd.spawn().map_err(|e| {
-            RuntimeError::StartFailed(format!("cannot run {}: {e}", program.display()))
+            RuntimeError::StartFailed(format!("cannot run {}: {e}", launch.program.display()))
         })?;
         let pid = child
             .id()
             .ok_or_else(|| RuntimeError::StartFailed(format!("{what} exited at once")))?;
-        let id = ProcId::of(pid);
+        let proc = ProcId::of(pid);
+        let net = match &launch.sandbox {
+            Some((sandbox, _, ports)) => {
+                match self.spawn_network(sandbox, pid, ports, net_log).await {
+                    Ok(net) => Some(net),
+                    Err(e) => {
+                        let _ = child.start_kill();
+                        return Err(e);
+                    }
+                }
+            }
+            None => None,
+        };
         let (tx, rx) = watch::channel(None);
         tokio::spawn(async move {
             let how = match child.wait().await {
@@ -252,20 +352,59 @@ impl LocalRuntime {
             };
             let _ = tx.send(Some(how));
         });
-        Ok((id, rx))
+        Ok((
+            ServerRecord {
+                proc,
+                port: launch.host_port,
+                net,
+            },
+            rx,
+        ))
+    }
+
+    /// Starts a sandbox's `pasta`, in a process group of its own (it cannot join the
+    /// sandbox's: `setsid` put that in another session), reaped by a task of its own.
+    async fn spawn_network(
+        &self,
+        sandbox: &Sandbox,
+        pid: u32,
+        ports: &Ports,
+        log: std::fs::File,
+    ) -> Result<ProcId, RuntimeError> {
+        let backend = |e: std::io::Error| RuntimeError::Backend(format!("sandbox network: {e}"));
+        let mut net = sandbox.network(pid, ports).await.map_err(backend)?;
+        let err = log.try_clone().map_err(backend)?;
+        net.stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(err))
+            .process_group(0);
+        let mut child = net
+            .spawn()
+            .map_err(|e| RuntimeError::StartFailed(format!("cannot run pasta: {e}")))?;
+        let net_pid = child
+            .id()
+            .ok_or_else(|| RuntimeError::StartFailed("pasta exited at once".into()))?;
+        tokio::spawn(async move {
+            let _ = child.wait().await;
+        });
+        Ok(ProcId::of(net_pid))
     }
 
     /// Installs the workload's libraries into the notebook's overlay directory (see the module
-    /// docs). Returns the directory to put on `PYTHONPATH`, if any.
+    /// docs), in a sandbox when notebooks have one. Returns whether there are libraries.
     async fn install_libraries(
         &self,
         dir: &NotebookDir,
         libraries: &[Library],
-    ) -> Result<Option<PathBuf>, RuntimeError> {
+        sandbox: Option<&Sandbox>,
+    ) -> Result<bool, RuntimeError> {
         if libraries.is_empty() {
-            return Ok(None);
+            return Ok(false);
         }
         // All entries are checked before anything is installed.
+        let data_dir =
+            std::fs::canonicalize(&self.data_dir).unwrap_or_else(|_| self.data_dir.clone());
+        let mut local_files: Vec<PathBuf> = Vec::new();
         for (i, lib) in libraries.iter().enumerate() {
             let kinds = lib.pypi.is_some() as u8
                 + lib.whl.is_some() as u8
@@ -295,63 +434,133 @@ impl LocalRuntime {
                      and must not start with -"
                 )));
             }
+            // A local wheel or requirements file is made visible to the install (read-only,
+            // at its own path), unless it lies in Marina's data directory: pip quotes the
+            // lines of a file it cannot parse, which would print Marina's keys.
+            let file = lib.whl.as_deref().or(lib
+                .requirements
+                .as_ref()
+                .filter(|r| r.source != "inline")
+                .map(|r| r.uri.as_str()));
+            if let Some(f) = file.map(Path::new).filter(|f| f.is_absolute()) {
+                let real = std::fs::canonicalize(f).unwrap_or_else(|_| f.to_owned());
+                if real.starts_with(&data_dir) {
+                    return Err(RuntimeError::StartFailed(format!(
+                        "libraries[{i}]: {} is inside Marina's data directory; put wheels and \
+                         requirements files elsewhere",
+                        f.display()
+                    )));
+                }
+                if real.exists() {
+                    local_files.push(real);
+                }
+            }
         }
         let site = dir.site();
         let stamp_path = site.join(".marina-libraries");
         let stamp = serde_json::to_string(libraries)
             .map_err(|e| RuntimeError::Backend(format!("libraries: {e}")))?;
         if std::fs::read_to_string(&stamp_path).ok().as_deref() == Some(stamp.as_str()) {
-            return Ok(Some(site));
+            return Ok(true);
         }
         let io = |e: std::io::Error| RuntimeError::Backend(format!("{}: {e}", site.display()));
         if site.exists() {
             std::fs::remove_dir_all(&site).map_err(io)?;
         }
         std::fs::create_dir_all(&site).map_err(io)?;
-        let constraints = dir.root.join("constraints.txt");
-        std::fs::write(&constraints, env::REQUIREMENTS).map_err(io)?;
+        if let Some(s) = sandbox {
+            s.hand_over(&site).map_err(io)?;
+        }
+        // Paths as pip sees them: the sandbox's, or the host's.
+        let (site_arg, constraints_arg, run_dir) = match sandbox {
+            Some(_) => (
+                PathBuf::from(sandbox::LIBRARIES_DIR),
+                Path::new(sandbox::RUN_DIR).join("constraints.txt"),
+                PathBuf::from(sandbox::RUN_DIR),
+            ),
+            None => (site.clone(), dir.constraints(), dir.root.clone()),
+        };
         tracing::info!(notebook = %dir.root.display(), count = libraries.len(), "installing notebook libraries");
         for (i, lib) in libraries.iter().enumerate() {
-            let mut cmd = Command::new(self.env.bin("pip"));
-            cmd.args([
+            let mut mounts = vec![
+                (site.clone(), PathBuf::from(sandbox::LIBRARIES_DIR), true),
+                (
+                    dir.constraints(),
+                    Path::new(sandbox::RUN_DIR).join("constraints.txt"),
+                    false,
+                ),
+            ];
+            mounts.extend(local_files.iter().map(|f| (f.clone(), f.clone(), false)));
+            let mut args: Vec<OsString> = [
                 "install",
                 "--disable-pip-version-check",
                 "--progress-bar",
                 "off",
                 "--no-input",
                 "--target",
-            ])
-            .arg(&site)
-            .arg("-c")
-            .arg(&constraints);
+            ]
+            .map(OsString::from)
+            .to_vec();
+            args.push(site_arg.clone().into());
+            args.push("-c".into());
+            args.push(constraints_arg.clone().into());
             if let Some(p) = &lib.pypi {
                 if let Some(repo) = p.repo.as_deref().filter(|r| !r.is_empty()) {
-                    cmd.args(["--index-url", repo]);
+                    args.push("--index-url".into());
+                    args.push(repo.into());
                 }
-                cmd.arg(&p.package);
+                args.push((&p.package).into());
             } else if let Some(r) = &lib.requirements {
                 let path = if r.source == "inline" {
-                    let f = dir.root.join(format!("requirements-{i}.txt"));
+                    let name = format!("requirements-{i}.txt");
+                    let f = dir.root.join(&name);
                     std::fs::write(&f, &r.uri).map_err(io)?;
-                    f.display().to_string()
+                    mounts.push((f, run_dir.join(&name), false));
+                    run_dir.join(&name).display().to_string()
                 } else {
                     r.uri.clone()
                 };
-                cmd.args(["-r", &path]);
+                args.push("-r".into());
+                args.push(path.into());
             } else if let Some(w) = &lib.whl {
-                cmd.arg(w);
+                args.push(w.into());
             }
-            env::run_logged(&mut cmd, "pip install (library)", LIBRARY_INSTALL_TIMEOUT)
-                .await
-                .map_err(|e| match e {
-                    RuntimeError::Environment(m) => {
-                        RuntimeError::StartFailed(format!("installing libraries[{i}]: {m}"))
-                    }
-                    other => other,
-                })?;
+            let env = sandbox::base_env(&[]);
+            let mut cmd = match sandbox {
+                Some(s) => s
+                    .command(&sandbox::Spec {
+                        notebook: &dir.work(),
+                        mounts,
+                        private_dir: &dir.root,
+                        env: &env,
+                        program: self.env.bin("pip"),
+                        args,
+                    })
+                    .map_err(io)?,
+                None => {
+                    let mut cmd = Command::new(self.env.bin("pip"));
+                    cmd.args(&args).env_clear().envs(env);
+                    cmd
+                }
+            };
+            let no_ports = Ports::default();
+            let network = sandbox.map(|s| (s, &no_ports));
+            env::run_logged(
+                &mut cmd,
+                "pip install (library)",
+                LIBRARY_INSTALL_TIMEOUT,
+                network,
+            )
+            .await
+            .map_err(|e| match e {
+                RuntimeError::Environment(m) => {
+                    RuntimeError::StartFailed(format!("installing libraries[{i}]: {m}"))
+                }
+                other => other,
+            })?;
         }
         std::fs::write(&stamp_path, stamp).map_err(io)?;
-        Ok(Some(site))
+        Ok(true)
     }
 
     async fn start_inner(&self, spec: &StartSpec) -> Result<Endpoint, RuntimeError> {
@@ -371,45 +580,97 @@ impl LocalRuntime {
             }
         }
         self.env.ensure().await?;
+        let sandbox = self.sandbox().await?;
         // Leftovers of an earlier attempt (or of a crashed Marina) go first.
         self.stop(id).await?;
 
         let dir = self.dir(id);
-        dir.create()
-            .map_err(|e| RuntimeError::Backend(format!("{}: {e}", dir.root.display())))?;
-        let site = self.install_libraries(&dir, &spec.sail.libraries).await?;
+        let io = |e: std::io::Error| RuntimeError::Backend(format!("{}: {e}", dir.root.display()));
+        dir.create().map_err(io)?;
+        std::fs::create_dir_all(dir.work().join(".packages")).map_err(io)?;
+        std::fs::write(dir.constraints(), env::REQUIREMENTS).map_err(io)?;
+        if let Some(s) = sandbox {
+            s.hand_over(&dir.work()).map_err(io)?;
+        }
+        let has_libraries = self
+            .install_libraries(&dir, &spec.sail.libraries, sandbox)
+            .await?;
 
         let token = random_token();
         marina_config::secrets::write_private(&dir.token_file(), token.as_bytes())
             .map_err(|e| RuntimeError::Backend(format!("writing the token file: {e}")))?;
         let (sail_port, marimo_port) = process::free_port_pair(SAIL_HOST, &self.host)
             .map_err(|e| RuntimeError::Backend(format!("finding free ports: {e}")))?;
-        let env = self.server_env(&spec.sail, sail_port, site.as_deref());
 
-        let (sail_proc, sail_exit) = self.spawn_server(
-            "sail",
-            self.env.bin("sail"),
-            vec![
-                "spark".into(),
-                "server".into(),
-                "--ip".into(),
-                SAIL_HOST.into(),
-                "--port".into(),
-                sail_port.to_string().into(),
-            ],
-            &env,
-            &dir,
-            spec.session_id,
-        )?;
+        // Where things are, as the servers see them.
+        let run_dir = Path::new(sandbox::RUN_DIR);
+        let paths = match sandbox {
+            Some(s) => {
+                s.hand_over_file(&dir.token_file()).map_err(io)?;
+                ServerPaths {
+                    work: PathBuf::from(sandbox::NOTEBOOK_DIR),
+                    libraries: has_libraries.then(|| PathBuf::from(sandbox::LIBRARIES_DIR)),
+                    constraints: run_dir.join("constraints.txt"),
+                    token: run_dir.join("marimo-token"),
+                    sail: host_port("127.0.0.1", sandbox::SAIL_PORT),
+                    sail_listen: sandbox::SAIL_PORT,
+                    marimo_listen: ("127.0.0.1".to_owned(), sandbox::MARIMO_PORT),
+                }
+            }
+            None => ServerPaths {
+                work: dir.work(),
+                libraries: has_libraries.then(|| dir.site()),
+                constraints: dir.constraints(),
+                token: dir.token_file(),
+                sail: host_port(SAIL_HOST, sail_port),
+                sail_listen: sail_port,
+                marimo_listen: (self.host.clone(), marimo_port),
+            },
+        };
+        let env = self.server_env(&spec.sail, &paths);
+        // Read-only mounts both sandboxes get.
+        let mut mounts = vec![
+            (dir.token_file(), paths.token.clone(), false),
+            (dir.constraints(), paths.constraints.clone(), false),
+        ];
+        if has_libraries {
+            mounts.push((dir.site(), PathBuf::from(sandbox::LIBRARIES_DIR), false));
+        }
+
+        let sail_args: Vec<OsString> = vec![
+            "spark".into(),
+            "server".into(),
+            "--ip".into(),
+            "127.0.0.1".into(),
+            "--port".into(),
+            paths.sail_listen.to_string().into(),
+        ];
+        let (sail, sail_exit) = self
+            .spawn_server(
+                "sail",
+                Launch {
+                    program: self.env.bin("sail"),
+                    args: sail_args,
+                    env: &env,
+                    host_port: sail_port,
+                    sandbox: sandbox.map(|s| {
+                        let ports = Ports {
+                            inbound: Some((SAIL_HOST.to_owned(), sail_port, sandbox::SAIL_PORT)),
+                            outbound: None,
+                        };
+                        (s, mounts.clone(), ports)
+                    }),
+                },
+                &dir,
+                spec.session_id,
+            )
+            .await?;
         let mut record = RunRecord {
             notebook_id: id,
             session_id: spec.session_id,
             host: self.host.clone(),
             base_url: spec.base_url.clone(),
-            sail: ServerRecord {
-                proc: sail_proc,
-                port: sail_port,
-            },
+            sail,
             marimo: None,
             token: token.clone(),
         };
@@ -428,35 +689,46 @@ impl LocalRuntime {
             },
         );
 
+        let (listen_host, listen_port) = &paths.marimo_listen;
         let mut args: Vec<OsString> = vec![
             "-q".into(),
             "edit".into(),
             "--headless".into(),
             "--host".into(),
-            self.host.clone().into(),
+            listen_host.into(),
             "--port".into(),
-            marimo_port.to_string().into(),
+            listen_port.to_string().into(),
             "--skip-update-check".into(),
             "--token-password-file".into(),
-            dir.token_file().into(),
+            paths.token.clone().into(),
         ];
         if let Some(base) = &spec.base_url {
             args.push("--base-url".into());
             args.push(base.into());
         }
-        args.push(dir.notebook().into());
-        let (marimo_proc, marimo_exit) = self.spawn_server(
-            "marimo",
-            self.env.bin("marimo"),
-            args,
-            &env,
-            &dir,
-            spec.session_id,
-        )?;
-        record.marimo = Some(ServerRecord {
-            proc: marimo_proc,
-            port: marimo_port,
-        });
+        args.push(paths.work.join("notebook.py").into());
+        let (marimo, marimo_exit) = self
+            .spawn_server(
+                "marimo",
+                Launch {
+                    program: self.env.bin("marimo"),
+                    args,
+                    env: &env,
+                    host_port: marimo_port,
+                    sandbox: sandbox.map(|s| {
+                        let ports = Ports {
+                            inbound: Some((self.host.clone(), marimo_port, sandbox::MARIMO_PORT)),
+                            // The kernel's Spark session reaches its own Sail, and nothing else.
+                            outbound: Some((sandbox::SAIL_PORT, sail_port)),
+                        };
+                        (s, mounts.clone(), ports)
+                    }),
+                },
+                &dir,
+                spec.session_id,
+            )
+            .await?;
+        record.marimo = Some(marimo);
         write_record(&record)?;
         self.lock_running().insert(
             id,
@@ -475,8 +747,9 @@ impl LocalRuntime {
         })
     }
 
-    /// Polls until Sail accepts TCP and Marimo's `/health` answers 200; a server that exits
-    /// first fails the attempt with the tail of its log.
+    /// Polls until Sail answers HTTP/2 (gRPC) and Marimo's `/health` answers 200; a server
+    /// that exits first fails the attempt with the tail of its log. (A sandbox's port on the
+    /// host is pasta's, which accepts before anything listens inside: only an answer counts.)
     async fn wait_ready(
         &self,
         record: &RunRecord,
@@ -500,7 +773,7 @@ impl LocalRuntime {
                     )));
                 }
             }
-            sail_ok = sail_ok || process::accepts_tcp(&sail_addr).await;
+            sail_ok = sail_ok || process::speaks_http2(&sail_addr).await;
             marimo_ok = marimo_ok || self.marimo_healthy(&health_url).await;
             if sail_ok && marimo_ok {
                 return Ok(());
@@ -563,6 +836,13 @@ impl LocalRuntime {
                     process::log_tail(&log, TAIL_LINES, &record.token)
                 ));
             }
+            if server.net.as_ref().is_some_and(|n| !n.is_alive()) {
+                return Err(format!(
+                    "the network helper (pasta) of the {name} sandbox exited; last lines of \
+                     its log:\n{}",
+                    process::log_tail(&log, TAIL_LINES, &record.token)
+                ));
+            }
         }
         Ok(())
     }
@@ -572,7 +852,7 @@ impl LocalRuntime {
         if let Err(why) = self.check_alive(id, record).await {
             return Health::Failed(why);
         }
-        let sail = process::accepts_tcp(&host_port(SAIL_HOST, record.sail.port)).await;
+        let sail = process::speaks_http2(&host_port(SAIL_HOST, record.sail.port)).await;
         let marimo = self
             .marimo_healthy(&record.health_url().unwrap_or_default())
             .await;
@@ -599,6 +879,29 @@ impl LocalRuntime {
     }
 }
 
+/// One server to spawn.
+struct Launch<'a> {
+    program: PathBuf,
+    args: Vec<OsString>,
+    env: &'a [(String, String)],
+    /// The port it answers on, on the host.
+    host_port: u16,
+    /// The sandbox, its extra mounts and the ports its network helper connects.
+    sandbox: Option<(&'a Sandbox, Vec<(PathBuf, PathBuf, bool)>, Ports)>,
+}
+
+/// The notebook's places as its servers see them: inside a sandbox, or on the host.
+struct ServerPaths {
+    work: PathBuf,
+    libraries: Option<PathBuf>,
+    constraints: PathBuf,
+    token: PathBuf,
+    /// `host:port` of Sail, for `SPARK_REMOTE`.
+    sail: String,
+    sail_listen: u16,
+    marimo_listen: (String, u16),
+}
+
 fn random_token() -> String {
     use rand::RngCore;
     let mut bytes = [0u8; 32];
@@ -622,7 +925,24 @@ impl Runtime for LocalRuntime {
     }
 
     async fn prepare(&self) -> Result<(), RuntimeError> {
-        self.env.ensure().await
+        self.env.ensure().await?;
+        match self.sandbox().await? {
+            Some(s) => match s.run_as() {
+                Some((uid, gid)) => tracing::info!(
+                    "notebooks run sandboxed (bubblewrap + pasta), as uid {uid} gid {gid}"
+                ),
+                None => tracing::info!("notebooks run sandboxed (bubblewrap + pasta)"),
+            },
+            None => tracing::warn!(
+                "runtime.local.sandbox = \"none\": notebooks run UNSANDBOXED, as Marina's own \
+                 user; their code can read Marina's keys and database (single-user use only)"
+            ),
+        }
+        Ok(())
+    }
+
+    fn isolation(&self) -> &'static str {
+        LocalRuntime::isolation(self)
     }
 
     async fn start(&self, spec: &StartSpec) -> Result<Endpoint, RuntimeError> {

@@ -188,6 +188,27 @@ pub async fn accepts_tcp(addr: &str) -> bool {
     )
 }
 
+/// Whether an HTTP/2 server (Sail's gRPC) answers at `addr`: it must reply to the client
+/// preface with a SETTINGS frame. Accepting the connection is not enough, since a sandbox's
+/// port on the host belongs to its network helper, which accepts before the server inside
+/// listens and then closes.
+pub async fn speaks_http2(addr: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0";
+    let attempt = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        s.write_all(PREFACE).await.ok()?;
+        let mut head = [0u8; 9];
+        s.read_exact(&mut head).await.ok()?;
+        // Frame header: 24-bit length, type, flags, stream id. Type 4 is SETTINGS.
+        Some(head[3] == 4)
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_millis(500), attempt).await,
+        Ok(Some(true))
+    )
+}
+
 /// The last `n` lines of a log file (reads at most its last 64 KiB), with `secret` masked in
 /// case a server ever prints it.
 pub fn log_tail(path: &std::path::Path, n: usize, secret: &str) -> String {
@@ -232,6 +253,31 @@ mod tests {
             assert!(!other_boot.is_alive());
             assert!(other_boot.group_members().is_empty());
         }
+    }
+
+    #[tokio::test]
+    async fn an_http2_answer_is_needed_not_just_a_listener() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // A listener that accepts and closes, as pasta does when nothing listens inside.
+        let closer = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let closer_addr = closer.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = closer.accept().await {
+                drop(s);
+            }
+        });
+        assert!(!speaks_http2(&closer_addr).await);
+        // Positive control: a server that answers the preface with SETTINGS.
+        let h2 = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let h2_addr = h2.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            let (mut s, _) = h2.accept().await.unwrap();
+            let mut preface = [0u8; 33];
+            s.read_exact(&mut preface).await.unwrap();
+            s.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        });
+        assert!(speaks_http2(&h2_addr).await);
     }
 
     #[test]
