@@ -349,6 +349,7 @@ async fn the_opt_out_runs_unsandboxed_and_says_so() {
     let ep = rt.start(&spec(id)).await.expect("start unsandboxed");
     let marimo = Marimo::new(&ep.upstream, None, &ep.token);
     let mut session = marimo.connect("s_nosbx1").await.expect("session");
+    session.instantiate().await.expect("instantiate");
     let code = format!(
         r#"{ATTEMPT}
 attempt("admin_key_relative", lambda: open("../../../admin-api-key").read())

@@ -887,7 +887,7 @@ struct Launch<'a> {
     /// The port it answers on, on the host.
     host_port: u16,
     /// The sandbox, its extra mounts and the ports its network helper connects.
-    sandbox: Option<(&'a Sandbox, Vec<(PathBuf, PathBuf, bool)>, Ports)>,
+    sandbox: Option<(&'a Sandbox, Vec<sandbox::Mount>, Ports)>,
 }
 
 /// The notebook's places as its servers see them: inside a sandbox, or on the host.

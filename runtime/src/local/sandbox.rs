@@ -122,13 +122,15 @@ pub struct Sandbox {
     python: Vec<PathBuf>,
 }
 
+/// A mount: `(host path, sandbox path, writable)`.
+pub type Mount = (PathBuf, PathBuf, bool);
+
 /// One sandboxed program.
 #[derive(Debug)]
 pub struct Spec<'a> {
     /// The notebook's directory on the host, mounted at [`NOTEBOOK_DIR`].
     pub notebook: &'a Path,
-    /// `(host path, sandbox path, writable)`.
-    pub mounts: Vec<(PathBuf, PathBuf, bool)>,
+    pub mounts: Vec<Mount>,
     /// The synthetic `/etc/passwd` and `/etc/group` are written next to this directory's
     /// other Marina files (outside the notebook's view).
     pub private_dir: &'a Path,
