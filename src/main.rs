@@ -272,9 +272,21 @@ async fn serve(args: ServeArgs) -> Result<()> {
     // First run: the notebook environment (about 800 MB) is installed now, with progress.
     if settings.runtime.kind == RuntimeKind::Local {
         eprintln!("marina: checking the notebook Python environment (first run installs it, with progress)…");
-        if let Err(e) = runtime.prepare().await {
-            eprintln!("marina: the notebook environment could not be prepared: {e}");
-            eprintln!("marina: the API works, but notebooks cannot start until this is fixed.");
+        match runtime.prepare().await {
+            Err(e) => {
+                eprintln!("marina: notebooks cannot start here: {e}");
+                eprintln!("marina: the API works, but notebooks cannot start until this is fixed.");
+            }
+            Ok(()) if runtime.isolation() == "none" => {
+                eprintln!(
+                    "marina: WARNING: runtime.local.sandbox = \"none\": notebooks run UNSANDBOXED \
+                     as this user; their code can read Marina's keys and database (single-user use only)"
+                );
+            }
+            Ok(()) => eprintln!(
+                "marina: notebooks run sandboxed ({}: bubblewrap + pasta)",
+                runtime.isolation()
+            ),
         }
     }
 

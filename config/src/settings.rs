@@ -735,6 +735,35 @@ mod tests {
     }
 
     #[test]
+    fn the_sandbox_settings_are_checked() {
+        for bad in ["0:0", "1000:0", "1000", "a:b", "-1:5", ""] {
+            let flags = Serialized::default("runtime.local.sandbox_user", bad);
+            let err = Settings::load_with_env(None, Figment::new(), flags)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("runtime.local.sandbox_user"), "{bad}: {err}");
+        }
+        let flags = Serialized::default("runtime.local.sandbox", "docker");
+        let err = Settings::load_with_env(None, Figment::new(), flags)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sandbox"), "{err}");
+        // Positive controls: the defaults, another user, and the explicit opt-out.
+        let s = Settings::load_with_env(None, Figment::new(), Figment::new()).unwrap();
+        assert_eq!(s.runtime.local.sandbox, SandboxKind::Bubblewrap);
+        assert!(s.runtime.local.notebook_internet);
+        assert_eq!(s.sandbox_user(), Some((65534, 65534)));
+        let flags = Figment::from(Serialized::default(
+            "runtime.local.sandbox_user",
+            "4000:4001",
+        ))
+        .merge(Serialized::default("runtime.local.sandbox", "none"));
+        let s = Settings::load_with_env(None, Figment::new(), flags).unwrap();
+        assert_eq!(s.sandbox_user(), Some((4000, 4001)));
+        assert_eq!(s.runtime.local.sandbox, SandboxKind::None);
+    }
+
+    #[test]
     fn origins() {
         assert_eq!(parse_origin("https://a.b:1/"), Some(("https", "a.b:1")));
         assert_eq!(parse_origin("https://a.b/x"), None);

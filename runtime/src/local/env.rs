@@ -171,7 +171,8 @@ pub async fn run_logged(
         .map_err(|e| env_err(format!("cannot run {what}: {e}")))?;
     // A sandboxed command gets its network once its namespaces exist; the helper exits by
     // itself when they go, and is killed with this function's scope in any case.
-    let _net = match (network, child.id()) {
+    let pid = child.id();
+    let _net = match (network, pid) {
         (Some((sandbox, ports)), Some(pid)) => {
             let mut net = sandbox
                 .network(pid, ports)
@@ -227,12 +228,19 @@ pub async fn run_logged(
     let status = match tokio::time::timeout(timeout, work).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(env_err(format!("{what}: {e}"))),
-        // `child` is dropped on return, and `kill_on_drop` kills it.
+        // `child` is dropped on return, and `kill_on_drop` kills it; a sandboxed command leads
+        // a process group (setsid) that holds the sandbox, which goes with it.
         Err(_) => {
+            if let Some(pid) = pid {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
             return Err(env_err(format!(
                 "{what} did not finish within {} s",
                 timeout.as_secs()
-            )))
+            )));
         }
     };
     if status.success() {

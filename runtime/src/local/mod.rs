@@ -337,6 +337,11 @@ impl LocalRuntime {
                 match self.spawn_network(sandbox, pid, ports, net_log).await {
                     Ok(net) => Some(net),
                     Err(e) => {
+                        // The whole group: the sandbox's first process is in it.
+                        let _ = nix::sys::signal::killpg(
+                            nix::unistd::Pid::from_raw(pid as i32),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
                         let _ = child.start_kill();
                         return Err(e);
                     }

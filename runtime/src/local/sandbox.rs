@@ -11,8 +11,9 @@
 //!   `/dev/shm`, and a synthetic `/etc/passwd`. Marina's data directory, database, keys and
 //!   the other notebooks do not exist in it. In a new PID namespace the sandbox sees only its
 //!   own processes, so it can neither signal nor trace anything outside, and `/proc` shows
-//!   only them. `--die-with-parent` and the PID namespace make teardown total: when the
-//!   sandbox's outer `bwrap` dies, the kernel kills every process inside.
+//!   only them. The PID namespace makes teardown total: a stop signals the sandbox's process
+//!   group, which holds the sandbox's first process, and when that one dies the kernel kills
+//!   every process inside, also those that left the group (a terminal's shell).
 //! - **`pasta`** (from passt) gives the sandbox's new network namespace its connectivity, the
 //!   way rootless containers get theirs: the host's loopback is *not* mapped into the
 //!   namespace (`--no-map-gw`, `-T none`), so the control API, the edge and every other
@@ -267,7 +268,7 @@ impl Sandbox {
         let mut a: Vec<OsString> = Vec::with_capacity(96);
         let mut push = |items: &[&OsStr]| a.extend(items.iter().map(|s| s.to_os_string()));
         push(&[
-            "--die-with-parent".as_ref(),
+            // Not --die-with-parent: a notebook outlives a crashed Marina, to be adopted.
             "--unshare-pid".as_ref(),
             "--unshare-ipc".as_ref(),
             "--unshare-uts".as_ref(),
