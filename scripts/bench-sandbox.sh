@@ -3,14 +3,14 @@
 # sandboxed (the default, bubblewrap + pasta) and unsandboxed (runtime.local.sandbox = "none"),
 # measured in the same run, alternating the two modes.
 #   scripts/bench-sandbox.sh [STARTS]        (default 5 per mode)
-# Uses target/release/marina, or MARINA_BIN. Memory is the resident set (RSS, and PSS from
+# Uses target/release/marina, or BENCH_MARINA_BIN. Memory is the resident set (RSS, and PSS from
 # /proc/<pid>/smaps_rollup) summed over every process of the notebook: the servers, their
 # kernels, and for a sandbox its bwrap and pasta processes. Prints a markdown table.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 starts=${1:-5}
-bin=${MARINA_BIN:-target/release/marina}
+bin=${BENCH_MARINA_BIN:-target/release/marina}
 [ -x "$bin" ] || cargo build --release --bin marina
 venv=${NOTEBOOK_VENV:-$root/.venv}
 cport=18580; eport=18500; aport=18590
