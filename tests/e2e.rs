@@ -237,16 +237,37 @@ async fn a_notebook_runs_spark_through_the_edge_and_viewers_only_mirror_it() {
     // The owner's code runs sandboxed: Marina's admin key, two levels above the notebook's
     // directory on the host (it is there: positive control), does not exist for it, while its
     // own notebook does, at the neutral path /notebook.
+    // Marina's own process environment and its control API (real, on the host's loopback)
+    // are out of reach too; the same API answers the test process (positive control).
     assert!(m.dir.path().join("admin-api-key").is_file());
-    let code = "import os\ndef _r(p):\n    try:\n        return open(p).read()[:6]\n    except Exception as e:\n        return type(e).__name__\nprint('probe', _r('../../admin-api-key'), _r('notebook.py'), os.path.abspath('notebook.py'))";
-    let run = json!({"cellIds": ["e2ecell02"], "codes": [code]});
+    let api_port = m
+        .api
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .trim_end_matches('/')
+        .to_owned();
+    assert_eq!(
+        m.http
+            .get(format!("{}/healthz", m.api))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let code = format!(
+        "import os, urllib.request\ndef _r(p):\n    try:\n        return open(p).read()[:6]\n    except Exception as e:\n        return type(e).__name__\ndef _u(u):\n    try:\n        return urllib.request.urlopen(u, timeout=5).status\n    except Exception as e:\n        return type(e).__name__\nprint('probe', _r('../../admin-api-key'), _r('../../../admin-api-key'), _r('/proc/{pid}/environ'), _u('http://127.0.0.1:{api_port}/healthz'), _r('notebook.py'), os.path.abspath('notebook.py'))",
+        pid = m.pid()
+    );
+    let run = json!({"cellIds": ["e2eprobe1"], "codes": [code]});
     assert_eq!(
         post_marimo(&m.http, &owner, "api/kernel/run", "s_owner1", &token, run).await,
         200
     );
     read_until(
         &mut owner_ws,
-        "probe FileNotFoundError import /notebook/notebook.py",
+        "probe FileNotFoundError FileNotFoundError FileNotFoundError URLError import /notebook/notebook.py",
         Duration::from_secs(60),
     )
     .await

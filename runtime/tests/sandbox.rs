@@ -228,6 +228,8 @@ print("RESULT " + json.dumps(r))
     }
     // Not "permission denied": the other notebook's processes do not exist in A's world.
     refused(&r, "kill_other_marimo", "ProcessLookupError");
+    // Nothing listens at B's Sail port in A's network namespace, so no Spark Connect session
+    // (gRPC over that TCP connection) can reach B's Sail. Its positive control is own_sail.
     refused(&r, "other_sail", "ConnectionRefusedError");
     refused(&r, "other_marimo", "ConnectionRefusedError");
     refused(&r, "control_api", "ConnectionRefusedError");
@@ -251,6 +253,26 @@ print("RESULT " + json.dumps(r))
         std::fs::read_to_string(data.path().join(format!("notebooks/{a}/work/mine.txt"))).unwrap(),
         "written"
     );
+    // Marimo's file browser (its own API) sees the notebook's directory, and nothing of the
+    // host: Marina's data directory does not exist for it.
+    let (status, listing) = session
+        .post_json(
+            "/api/files/list_files",
+            serde_json::json!({"path": "/notebook"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{listing}");
+    assert!(listing.to_string().contains("notebook.py"), "{listing}");
+    let (_, host) = session
+        .post_json(
+            "/api/files/list_files",
+            serde_json::json!({"path": data.path().join(format!("notebooks/{b}/work"))}),
+        )
+        .await
+        .unwrap();
+    assert!(!host.to_string().contains("secret.txt"), "{host}");
+
     // B is untouched by all of this.
     let marimo_b = Marimo::new(&ep_b.upstream, None, &ep_b.token);
     assert_eq!(marimo_b.get("/api/version", true).await.status(), 200);

@@ -175,6 +175,27 @@ impl Session {
         }
     }
 
+    /// `POST <base><path>` with the session's headers; the answer's status and JSON body.
+    #[allow(dead_code)] // not every test crate that includes this file calls it
+    pub async fn post_json(&self, path: &str, body: Value) -> Result<(u16, Value), String> {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.marimo_base))
+            .bearer_auth(&self.token)
+            .header("Marimo-Session-Id", &self.session_id)
+            .header("Marimo-Server-Token", &self.server_token)
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| format!("POST {path}: {e}"))?;
+        let status = resp.status().as_u16();
+        let text = resp.text().await.map_err(|e| e.to_string())?;
+        Ok((
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        ))
+    }
+
     async fn post(&self, path: &str, body: Value) -> Result<(), String> {
         let resp = self
             .http
