@@ -172,12 +172,15 @@ pub async fn run_logged(
     // A sandboxed command gets its network once its namespaces exist; the helper exits by
     // itself when they go, and is killed with this function's scope in any case.
     let pid = child.id();
-    let _net = match (network, pid) {
-        (Some((sandbox, ports)), Some(pid)) => {
-            let mut net = sandbox
-                .network(pid, ports)
-                .await
-                .map_err(|e| env_err(format!("{what}: sandbox network: {e}")))?;
+    let net = match (network, pid) {
+        (Some((sandbox, ports)), Some(pid)) => sandbox
+            .network(pid, ports)
+            .await
+            .map_err(|e| env_err(format!("{what}: sandbox network: {e}")))?,
+        _ => None,
+    };
+    let _net = match net {
+        Some(mut net) => {
             net.stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -187,7 +190,7 @@ pub async fn run_logged(
                     .map_err(|e| env_err(format!("{what}: cannot run pasta: {e}")))?,
             )
         }
-        _ => None,
+        None => None,
     };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     for pipe in [

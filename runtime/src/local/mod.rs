@@ -302,7 +302,7 @@ impl LocalRuntime {
         let net_log = file.try_clone().map_err(backend)?;
         let work = dir.work();
         let mut cmd = match launch.sandbox {
-            Some((sandbox, ref mounts, _)) => sandbox
+            Some((sandbox, ref mounts, ref ports)) => sandbox
                 .command(&sandbox::Spec {
                     notebook: &work,
                     mounts: mounts.clone(),
@@ -310,6 +310,7 @@ impl LocalRuntime {
                     env: launch.env,
                     program: launch.program.clone(),
                     args: launch.args.clone(),
+                    ports: ports.clone(),
                 })
                 .map_err(|e| RuntimeError::Backend(format!("preparing the {what} sandbox: {e}")))?,
             None => {
@@ -335,7 +336,7 @@ impl LocalRuntime {
         let net = match &launch.sandbox {
             Some((sandbox, _, ports)) => {
                 match self.spawn_network(sandbox, pid, ports, net_log).await {
-                    Ok(net) => Some(net),
+                    Ok(net) => net,
                     Err(e) => {
                         // The whole group: the sandbox's first process is in it.
                         let _ = nix::sys::signal::killpg(
@@ -367,17 +368,20 @@ impl LocalRuntime {
         ))
     }
 
-    /// Starts a sandbox's `pasta`, in a process group of its own (it cannot join the
-    /// sandbox's: `setsid` put that in another session), reaped by a task of its own.
+    /// Starts a root-built sandbox's `pasta`, in a process group of its own (it cannot join
+    /// the sandbox's: `setsid` put that in another session), reaped by a task of its own.
+    /// `None` when pasta is the sandbox's outer process already (an unprivileged Marina).
     async fn spawn_network(
         &self,
         sandbox: &Sandbox,
         pid: u32,
         ports: &Ports,
         log: std::fs::File,
-    ) -> Result<ProcId, RuntimeError> {
+    ) -> Result<Option<ProcId>, RuntimeError> {
         let backend = |e: std::io::Error| RuntimeError::Backend(format!("sandbox network: {e}"));
-        let mut net = sandbox.network(pid, ports).await.map_err(backend)?;
+        let Some(mut net) = sandbox.network(pid, ports).await.map_err(backend)? else {
+            return Ok(None);
+        };
         let err = log.try_clone().map_err(backend)?;
         net.stdin(Stdio::null())
             .stdout(Stdio::from(log))
@@ -392,7 +396,7 @@ impl LocalRuntime {
         tokio::spawn(async move {
             let _ = child.wait().await;
         });
-        Ok(ProcId::of(net_pid))
+        Ok(Some(ProcId::of(net_pid)))
     }
 
     /// Installs the workload's libraries into the notebook's overlay directory (see the module
@@ -540,6 +544,7 @@ impl LocalRuntime {
                         env: &env,
                         program: self.env.bin("pip"),
                         args,
+                        ports: Ports::default(),
                     })
                     .map_err(io)?,
                 None => {

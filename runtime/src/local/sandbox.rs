@@ -23,13 +23,18 @@
 //!   with the host's addresses and routes), left out when `runtime.local.notebook_internet`
 //!   is false.
 //!
-//! Who runs inside: an unprivileged Marina maps its user to the unprivileged uid 1000 in a
-//! user namespace of the sandbox's own (`--unshare-user --disable-userns`). A Marina running
-//! as root builds the sandbox as root and runs the servers as `runtime.local.sandbox_user`
-//! (`setpriv`, all capabilities gone, `no_new_privs`); `pasta` then runs as root too, since an
-//! unprivileged one may not open the namespaces of a root-owned sandbox. Either way the
-//! sandbox has no controlling terminal (`setsid`), so it cannot push keystrokes into the
-//! terminal Marina was started from.
+//! Who runs inside, and in which order the two are started:
+//! - An unprivileged Marina runs `setsid pasta … -- bwrap … -- server`: pasta makes a user
+//!   and network namespace (as podman does) and bwrap, inside it, maps Marina's user to the
+//!   unprivileged uid 1000 in a user namespace of its own (`--unshare-user --disable-userns`).
+//! - A Marina running as root runs `setsid bwrap --unshare-net … -- setpriv … server`, then
+//!   `pasta --netns /proc/<sandbox>/ns/net`: bwrap builds the sandbox as root and the servers
+//!   run as `runtime.local.sandbox_user` (`setpriv`: all capabilities gone, `no_new_privs`);
+//!   pasta runs as root too, since an unprivileged one may not open a root-owned sandbox's
+//!   namespaces, and it isolates itself.
+//!
+//! Either way the sandbox has no controlling terminal (`setsid`), so it cannot push keystrokes
+//! into the terminal Marina was started from.
 //!
 //! [`Sandbox::detect`] checks at start-up that all of this can be made on this machine, and
 //! says why not when it cannot.
@@ -138,10 +143,12 @@ pub struct Spec<'a> {
     pub env: &'a [(String, String)],
     pub program: PathBuf,
     pub args: Vec<OsString>,
+    /// What the network helper connects.
+    pub ports: Ports,
 }
 
 /// Ports that the network helper connects.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Ports {
     /// `(host address, host port, sandbox port)`: accepted on the host, delivered inside.
     pub inbound: Option<(String, u16, u16)>,
@@ -201,8 +208,10 @@ impl Sandbox {
         Ok(sandbox)
     }
 
-    /// Runs `true` in a sandbox with every namespace a notebook gets.
+    /// Makes a sandbox with every namespace and the network a notebook gets, running `sleep`,
+    /// and checks that it (and its network helper) are still up a moment later.
     async fn probe(&self) -> Result<(), Unavailable> {
+        use std::process::Stdio;
         let dir = std::env::temp_dir().join(format!("marina-sandbox-probe-{}", std::process::id()));
         let _ = std::fs::create_dir_all(&dir);
         let spec = Spec {
@@ -210,28 +219,62 @@ impl Sandbox {
             mounts: Vec::new(),
             private_dir: &dir,
             env: &[],
-            program: PathBuf::from("/bin/true"),
-            args: Vec::new(),
+            program: PathBuf::from("/bin/sleep"),
+            args: vec!["10".into()],
+            ports: Ports::default(),
         };
-        let result = match self.command(&spec) {
-            Ok(mut cmd) => {
-                cmd.stdin(std::process::Stdio::null())
-                    .stdout(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::piped())
-                    .kill_on_drop(true);
-                match tokio::time::timeout(Duration::from_secs(20), cmd.output()).await {
-                    Ok(Ok(out)) if out.status.success() => Ok(()),
-                    Ok(Ok(out)) => Err(Unavailable(format!(
-                        "bwrap cannot make a sandbox here ({}): {}",
-                        out.status,
-                        String::from_utf8_lossy(&out.stderr).trim()
-                    ))),
-                    Ok(Err(e)) => Err(Unavailable(format!("cannot run bwrap: {e}"))),
-                    Err(_) => Err(Unavailable("bwrap did not finish in 20 s".into())),
+        let result = async {
+            let mut cmd = self
+                .command(&spec)
+                .map_err(|e| Unavailable(format!("preparing the probe sandbox: {e}")))?;
+            cmd.stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .kill_on_drop(true);
+            let mut child = cmd
+                .spawn()
+                .map_err(|e| Unavailable(format!("cannot run bwrap: {e}")))?;
+            let pid = child.id().unwrap_or(0);
+            let mut net = match self.network(pid, &spec.ports).await {
+                Ok(Some(mut net)) => Some(
+                    net.stdin(Stdio::null())
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::piped())
+                        .kill_on_drop(true)
+                        .spawn()
+                        .map_err(|e| Unavailable(format!("cannot run pasta: {e}")))?,
+                ),
+                Ok(None) => None,
+                Err(e) => return Err(Unavailable(format!("the probe sandbox: {e}"))),
+            };
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            for (what, c) in
+                std::iter::once(("bwrap", &mut child)).chain(net.as_mut().map(|n| ("pasta", n)))
+            {
+                if let Ok(Some(status)) = c.try_wait() {
+                    let mut err = String::new();
+                    if let Some(mut e) = c.stderr.take() {
+                        use tokio::io::AsyncReadExt;
+                        let _ = e.read_to_string(&mut err).await;
+                    }
+                    let err: String = err
+                        .lines()
+                        .filter(|l| !l.contains("syslog"))
+                        .collect::<Vec<_>>()
+                        .join("; ");
+                    return Err(Unavailable(format!(
+                        "{what} cannot make a sandbox here ({status}): {}",
+                        err.trim()
+                    )));
                 }
             }
-            Err(e) => Err(Unavailable(format!("preparing the probe sandbox: {e}"))),
-        };
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            Ok(())
+        }
+        .await;
         let _ = std::fs::remove_dir_all(&dir);
         result
     }
@@ -272,11 +315,17 @@ impl Sandbox {
             "--unshare-pid".as_ref(),
             "--unshare-ipc".as_ref(),
             "--unshare-uts".as_ref(),
-            "--unshare-net".as_ref(),
             "--unshare-cgroup-try".as_ref(),
             "--hostname".as_ref(),
             "notebook".as_ref(),
         ]);
+        if self.setpriv.is_some() {
+            // Root: bwrap makes the network namespace and pasta joins it afterwards
+            // (`network`). Unprivileged: pasta makes it, with a user namespace, and runs
+            // bwrap inside (bwrap would make its network namespace in an intermediate user
+            // namespace that pasta could not join).
+            push(&["--unshare-net".as_ref()]);
+        }
         if self.setpriv.is_none() {
             push(&[
                 "--unshare-user".as_ref(),
@@ -371,6 +420,11 @@ impl Sandbox {
         }
         push(&["--chdir".as_ref(), NOTEBOOK_DIR.as_ref()]);
         let mut cmd = Command::new(&self.setsid);
+        if self.setpriv.is_none() {
+            cmd.arg(&self.pasta)
+                .args(self.pasta_args(&spec.ports))
+                .arg("--");
+        }
         cmd.arg(&self.bwrap).args(&a).arg("--");
         if let Some((setpriv, uid, gid)) = &self.setpriv {
             cmd.arg(setpriv)
@@ -383,43 +437,44 @@ impl Sandbox {
         Ok(cmd)
     }
 
-    /// The network helper for a started sandbox whose outer `bwrap` is `bwrap_pid`: waits for
-    /// its namespaces to exist, then returns the `pasta` command that connects them
-    /// (foreground; it exits by itself when the sandbox's network namespace goes).
-    pub async fn network(&self, bwrap_pid: u32, ports: &Ports) -> std::io::Result<Command> {
-        let child = sandbox_init(bwrap_pid, self.setpriv.is_some()).await?;
-        let mut cmd = Command::new(&self.pasta);
-        cmd.args(["-f", "-q", "-u", "none", "-U", "none", "--no-map-gw"]);
+    /// pasta's options for `ports`: only those ports, no mapping of the host's loopback, and
+    /// outbound connectivity only when notebooks may reach the internet.
+    fn pasta_args(&self, ports: &Ports) -> Vec<OsString> {
+        let mut a: Vec<OsString> = ["-f", "-q", "-u", "none", "-U", "none", "--no-map-gw"]
+            .map(OsString::from)
+            .to_vec();
         if self.internet {
-            cmd.arg("--config-net");
+            a.push("--config-net".into());
         }
-        match &ports.inbound {
-            Some((host, host_port, inside)) => {
-                cmd.arg("-t").arg(format!("{host}/{host_port}:{inside}"));
-            }
-            None => {
-                cmd.args(["-t", "none"]);
-            }
+        a.push("-t".into());
+        a.push(match &ports.inbound {
+            Some((host, host_port, inside)) => format!("{host}/{host_port}:{inside}").into(),
+            None => "none".into(),
+        });
+        a.push("-T".into());
+        a.push(match ports.outbound {
+            Some((inside, host_port)) => format!("{inside}:{host_port}").into(),
+            None => "none".into(),
+        });
+        a
+    }
+
+    /// The network helper a started sandbox still needs: when root built it, the `pasta`
+    /// command that joins its network namespace once it exists (foreground; it exits by itself
+    /// when that namespace goes). `None` when pasta is already the sandbox's outer process.
+    pub async fn network(&self, pid: u32, ports: &Ports) -> std::io::Result<Option<Command>> {
+        if self.setpriv.is_none() {
+            return Ok(None);
         }
-        match ports.outbound {
-            Some((inside, host_port)) => {
-                cmd.arg("-T").arg(format!("{inside}:{host_port}"));
-            }
-            None => {
-                cmd.args(["-T", "none"]);
-            }
-        }
-        if self.setpriv.is_some() {
-            // Root built the sandbox: its namespaces are root's, so pasta stays root to open
-            // them (it isolates itself and drops what it does not need).
-            cmd.args(["--runas", "0:0", "--netns"])
-                .arg(format!("/proc/{child}/ns/net"));
-        } else {
-            // Joins the sandbox's user namespace, then its network namespace.
-            cmd.arg(child.to_string());
-        }
+        let child = sandbox_init(pid).await?;
+        let mut cmd = Command::new(&self.pasta);
+        cmd.args(self.pasta_args(ports));
+        // Root built the sandbox: its namespaces are root's, so pasta stays root to open them
+        // (it isolates itself and drops what it does not need).
+        cmd.args(["--runas", "0:0", "--netns"])
+            .arg(format!("/proc/{child}/ns/net"));
         cmd.env_clear().env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
-        Ok(cmd)
+        Ok(Some(cmd))
     }
 
     /// Makes `dir` (and what is under it) belong to the sandbox user when Marina runs as root,
@@ -534,10 +589,10 @@ fn parents<'a>(paths: impl Iterator<Item = &'a Path>) -> Vec<PathBuf> {
 }
 
 /// The sandbox's first process (PID 1 inside): the child of the outer `bwrap` that lives in
-/// the new namespaces. It appears within milliseconds of the start. When root built the
-/// sandbox, pasta may open its namespaces only once that process has dropped its
-/// capabilities (the kernel's ptrace-access rule), so that is waited for too.
-async fn sandbox_init(bwrap_pid: u32, privileged: bool) -> std::io::Result<u32> {
+/// the new namespaces. It appears within milliseconds of the start. Root built the sandbox, so
+/// pasta may open its namespaces only once that process has dropped its capabilities (the
+/// kernel's ptrace-access rule): that is waited for too.
+async fn sandbox_init(bwrap_pid: u32) -> std::io::Result<u32> {
     let own_net = std::fs::read_link("/proc/self/ns/net")?;
     let children = format!("/proc/{bwrap_pid}/task/{bwrap_pid}/children");
     for _ in 0..200 {
@@ -548,7 +603,7 @@ async fn sandbox_init(bwrap_pid: u32, privileged: bool) -> std::io::Result<u32> 
             // Until bwrap's clone has unshared, the child may still be in our namespace.
             let unshared =
                 std::fs::read_link(format!("/proc/{pid}/ns/net")).is_ok_and(|n| n != own_net);
-            if unshared && (!privileged || capabilities_dropped(pid)) {
+            if unshared && capabilities_dropped(pid) {
                 return Ok(pid);
             }
         }
