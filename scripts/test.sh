@@ -44,6 +44,9 @@ fi
 step "cargo test"
 cargo test --workspace --no-fail-fast
 
+step "the notebook sandbox as an unprivileged Marina makes it"
+scripts/test-sandbox-unprivileged.sh
+
 if [ -x scripts/browser-test.sh ]; then
   step "browser tests (headless Chromium)"
   BROWSER_TEST_PREBUILT=1 scripts/browser-test.sh
