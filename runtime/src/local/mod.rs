@@ -344,7 +344,11 @@ impl LocalRuntime {
                             nix::sys::signal::Signal::SIGKILL,
                         );
                         let _ = child.start_kill();
-                        return Err(e);
+                        let log = dir.logs().join(format!("{what}.log"));
+                        return Err(RuntimeError::StartFailed(format!(
+                            "{e}; last lines of the {what} log:\n{}",
+                            process::log_tail(&log, TAIL_LINES, "")
+                        )));
                     }
                 }
             }
@@ -379,7 +383,11 @@ impl LocalRuntime {
         log: std::fs::File,
     ) -> Result<Option<ProcId>, RuntimeError> {
         let backend = |e: std::io::Error| RuntimeError::Backend(format!("sandbox network: {e}"));
-        let Some(mut net) = sandbox.network(pid, ports).await.map_err(backend)? else {
+        let Some(mut net) = sandbox.network(pid, ports).await.map_err(|e| {
+            // Most often the server could not even be executed: its log says why.
+            RuntimeError::StartFailed(format!("sandbox network: {e}"))
+        })?
+        else {
             return Ok(None);
         };
         let err = log.try_clone().map_err(backend)?;

@@ -345,6 +345,22 @@ impl Sandbox {
                 "CAP_SETGID".as_ref(),
             ]);
         }
+        // The private file systems come first: a later one would hide what is mounted under
+        // it (a virtualenv or a wheel under /tmp).
+        push(&[
+            "--proc".as_ref(),
+            "/proc".as_ref(),
+            "--dev".as_ref(),
+            "/dev".as_ref(),
+            "--perms".as_ref(),
+            "1777".as_ref(),
+            "--tmpfs".as_ref(),
+            "/dev/shm".as_ref(),
+            "--perms".as_ref(),
+            "1777".as_ref(),
+            "--tmpfs".as_ref(),
+            "/tmp".as_ref(),
+        ]);
         // bwrap makes the missing parents of a mount point 0700, which the sandbox user could
         // not enter: they are made first, 0755.
         let targets = ETC_FILES
@@ -385,23 +401,10 @@ impl Sandbox {
             push(&["--ro-bind".as_ref(), p.as_os_str(), p.as_os_str()]);
         }
         push(&[
-            "--proc".as_ref(),
-            "/proc".as_ref(),
-            "--dev".as_ref(),
-            "/dev".as_ref(),
-            "--perms".as_ref(),
-            "1777".as_ref(),
-            "--tmpfs".as_ref(),
-            "/dev/shm".as_ref(),
-            "--perms".as_ref(),
-            "1777".as_ref(),
-            "--tmpfs".as_ref(),
-            "/tmp".as_ref(),
             "--bind".as_ref(),
             spec.notebook.as_os_str(),
             NOTEBOOK_DIR.as_ref(),
         ]);
-        // After /tmp's tmpfs, which would hide parents made before it.
         for dir in parents(spec.mounts.iter().map(|(_, inside, _)| inside.as_path())) {
             push(&[
                 "--perms".as_ref(),
@@ -595,7 +598,20 @@ fn parents<'a>(paths: impl Iterator<Item = &'a Path>) -> Vec<PathBuf> {
 async fn sandbox_init(bwrap_pid: u32) -> std::io::Result<u32> {
     let own_net = std::fs::read_link("/proc/self/ns/net")?;
     let children = format!("/proc/{bwrap_pid}/task/{bwrap_pid}/children");
+    let stat = format!("/proc/{bwrap_pid}/stat");
     for _ in 0..200 {
+        let exited = std::fs::read_to_string(&stat)
+            .map(|t| {
+                t.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
+            .unwrap_or(true);
+        if exited {
+            return Err(std::io::Error::other("the sandbox exited at once"));
+        }
         let text = std::fs::read_to_string(&children).map_err(|e| {
             std::io::Error::new(e.kind(), format!("the sandbox exited at once ({e})"))
         })?;
@@ -664,6 +680,69 @@ mod tests {
         // Positive control: an allowed variable passes.
         std::env::set_var("TZ", "UTC");
         assert!(base_env(&[]).iter().any(|(k, v)| k == "TZ" && v == "UTC"));
+    }
+
+    /// A virtualenv or a wheel under /tmp (a fresh clone in /tmp, a test's temporary directory)
+    /// is mounted after /tmp's private tmpfs, or the tmpfs would hide it.
+    #[test]
+    fn private_file_systems_come_before_what_is_mounted_under_them() {
+        let dir = tempfile::tempdir().unwrap();
+        for setpriv in [
+            None,
+            Some((PathBuf::from("/usr/bin/setpriv"), 65534, 65534)),
+        ] {
+            let sandbox = Sandbox {
+                bwrap: "/usr/bin/bwrap".into(),
+                pasta: "/usr/bin/pasta".into(),
+                setsid: "/usr/bin/setsid".into(),
+                setpriv,
+                internet: true,
+                python: vec![PathBuf::from("/tmp/clone/.venv")],
+            };
+            let spec = Spec {
+                notebook: dir.path(),
+                mounts: vec![(
+                    dir.path().join("w.whl"),
+                    PathBuf::from("/tmp/w/w.whl"),
+                    false,
+                )],
+                private_dir: dir.path(),
+                env: &[],
+                program: "/bin/true".into(),
+                args: Vec::new(),
+                ports: Ports::default(),
+            };
+            let cmd = sandbox.command(&spec).unwrap();
+            let args: Vec<String> = cmd
+                .as_std()
+                .get_args()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect();
+            let at = |x: &str| {
+                args.iter()
+                    .position(|a| a == x)
+                    .unwrap_or_else(|| panic!("{x}: {args:?}"))
+            };
+            let tmpfs = args
+                .windows(2)
+                .position(|w| w == ["--tmpfs", "/tmp"])
+                .unwrap();
+            assert!(tmpfs < at("/tmp/clone/.venv"), "{args:?}");
+            assert!(tmpfs < at("/tmp/w/w.whl"), "{args:?}");
+            assert!(
+                tmpfs < at("/tmp/clone"),
+                "the 0755 parent is made inside the tmpfs"
+            );
+            // pasta is outside bwrap exactly when Marina is not root.
+            assert_eq!(
+                args.iter().any(|a| a == "/usr/bin/pasta"),
+                sandbox.setpriv.is_none()
+            );
+            assert_eq!(
+                args.iter().any(|a| a == "--unshare-net"),
+                sandbox.setpriv.is_some()
+            );
+        }
     }
 
     #[test]
