@@ -266,8 +266,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
         .context("starting the edge")?;
 
     let (stop_tx, stop) = shutdown_channel();
-    let control_task = tokio::spawn(control.serve(control_listener, stop()));
-    let edge_task = tokio::spawn(edge.serve(proxy_listener, admin_listener, stop()));
+    let mut control_task = tokio::spawn(control.serve(control_listener, stop()));
+    let mut edge_task = tokio::spawn(edge.serve(proxy_listener, admin_listener, stop()));
 
     // First run: the notebook environment (about 800 MB) is installed now, with progress.
     if settings.runtime.kind == RuntimeKind::Local {
@@ -315,10 +315,28 @@ async fn serve(args: ServeArgs) -> Result<()> {
 
     let outcome = tokio::select! {
         _ = shutdown_signal() => Ok(()),
-        r = wait_part(control_task, "control plane") => r,
-        r = wait_part(edge_task, "edge") => r,
+        r = &mut control_task => part_ended(r, "control plane"),
+        r = &mut edge_task => part_ended(r, "edge"),
     };
     let _ = stop_tx.send(true);
+    // Both parts drain first (the edge closes WebSockets with 1001 and lets requests in flight
+    // finish, which still need their notebooks); each one still running is waited for, within
+    // the edge's grace and a little more.
+    let bound = std::time::Duration::from_secs(settings.proxy.timeouts.shutdown_grace_seconds + 5);
+    let drained = async {
+        if !control_task.is_finished() {
+            let _ = (&mut control_task).await;
+        }
+        if !edge_task.is_finished() {
+            let _ = (&mut edge_task).await;
+        }
+    };
+    if tokio::time::timeout(bound, drained).await.is_err() {
+        eprintln!(
+            "marina: the parts did not finish draining within {} s; exiting",
+            bound.as_secs()
+        );
+    }
     // Local notebooks are child processes of this one: take them down with it. Their store
     // records are settled by reconciliation at the next start.
     if settings.runtime.kind == RuntimeKind::Local {
@@ -326,16 +344,15 @@ async fn serve(args: ServeArgs) -> Result<()> {
             eprintln!("marina: stopping local notebooks: {e}");
         }
     }
-    // Give both parts their grace period to drain.
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     outcome
 }
 
-async fn wait_part<E: std::fmt::Display>(
-    task: tokio::task::JoinHandle<Result<(), E>>,
+/// How a part's task ended while Marina was meant to keep running: always an error.
+fn part_ended<E: std::fmt::Display>(
+    joined: Result<Result<(), E>, tokio::task::JoinError>,
     what: &str,
 ) -> Result<()> {
-    match task.await {
+    match joined {
         Ok(Ok(())) => bail!("the {what} stopped unexpectedly"),
         Ok(Err(e)) => bail!("the {what} failed: {e}"),
         Err(e) => bail!("the {what} crashed: {e}"),
