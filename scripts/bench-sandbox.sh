@@ -57,7 +57,7 @@ mem_kib() { # RSS and PSS sums, KiB
   echo "$rss $pss"
 }
 
-declare -A times rss pss
+declare -A times rss pss breakdown
 for round in $(seq "$starts"); do
   for mode in bubblewrap none; do
     data=$(mktemp -d /tmp/marina-sandbox-bench.XXXXXX)
@@ -84,6 +84,10 @@ for round in $(seq "$starts"); do
     sleep 3 # let both servers settle before reading memory
     read -r r p < <(mem_kib "$data/notebooks/$nb/run.json")
     rss[$mode]+="$r "; pss[$mode]+="$p "
+    # Where the memory is, by program (the last round's of each mode is printed).
+    breakdown[$mode]=$(for q in $(notebook_pids "$data/notebooks/$nb/run.json"); do
+        printf '%s %s\n' "$(cat /proc/$q/comm 2>/dev/null)" "$(awk '/^Pss:/ {print $2}' /proc/$q/smaps_rollup 2>/dev/null || echo 0)"
+      done | awk '{n[$1]++; k[$1]+=$2} END {for (c in k) printf "%s×%d %.1f MiB; ", c, n[c], k[c]/1024}')
     stop
     rm -rf "$data"
   done
@@ -98,3 +102,5 @@ pb=$(median "${pss[bubblewrap]}"); pn=$(median "${pss[none]}")
 printf '| PSS of the same, MiB | %.0f | %.0f | %.2f× |\n' "$(python3 -c "print($pb/1024)")" "$(python3 -c "print($pn/1024)")" "$(python3 -c "print($pb/$pn)")"
 echo
 echo "raw start seconds: sandboxed ${times[bubblewrap]}; unsandboxed ${times[none]}"
+echo "PSS by program, sandboxed: ${breakdown[bubblewrap]}"
+echo "PSS by program, unsandboxed: ${breakdown[none]}"
