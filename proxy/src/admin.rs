@@ -11,7 +11,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::body::EdgeBody;
+use crate::forward::body::EdgeBody;
 use crate::metrics::Metrics;
 use crate::route::RouteTable;
 

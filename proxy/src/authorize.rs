@@ -14,7 +14,7 @@
 //!   routes Marimo may add in a later version (allow-list, not deny-list).
 //! - Everyone: every Marimo session id the browser sends (`Marimo-Session-Id`, `session_id=`) is
 //!   replaced by `s_` + HMAC(member ‖ notebook ‖ browser sid), see
-//!   [`CookieKeys::bind_session_id`]. A viewer who learns the owner's browser session id gets a
+//!   [`SessionBinding::bind_session_id`]. A viewer who learns the owner's browser session id gets a
 //!   different effective id, so it can neither act as the owner nor evict the owner's
 //!   connection; and no edge replica needs shared state to agree.
 //! - Everyone: a request that can change something (any method but `GET`/`HEAD`) and every
@@ -31,8 +31,9 @@ use std::borrow::Cow;
 
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Uri};
 use marina_config::wire::AccessMode;
+use marina_config::Id;
+use ring::hmac;
 
-use crate::authenticate::cookie::CookieKeys;
 use crate::authenticate::Identity;
 use crate::error::{EdgeError, ErrorKind};
 
@@ -44,6 +45,47 @@ pub const STABLE_SESSION_HEADER: HeaderName = HeaderName::from_static("marimo-st
 /// Fetch metadata (`same-origin`, `same-site`, `cross-site`, `none`): which site a browser
 /// request comes from. Like `Origin`, page script cannot set it.
 pub const FETCH_SITE_HEADER: HeaderName = HeaderName::from_static("sec-fetch-site");
+
+/// The key that binds Marimo session ids to members. Derived at start from the cookie secret
+/// beside the sealing keys ([`crate::authenticate::cookie::session_binding_key`]), so every
+/// replica with the same configured key binds the same way.
+pub struct SessionBinding {
+    key: hmac::Key,
+}
+
+// === impl SessionBinding ===
+
+impl SessionBinding {
+    pub fn new(key: hmac::Key) -> SessionBinding {
+        SessionBinding { key }
+    }
+
+    /// The Marimo session id the notebook sees for `browser_sid` sent by `member`:
+    /// `s_` + 6 base36 characters of HMAC(key, member ‖ notebook ‖ browser sid).
+    ///
+    /// Every replica computes the same value with no shared state, and a member can only ever
+    /// produce ids derived from their own member id: presenting someone else's browser session id
+    /// yields a different effective id, so a viewer can never act as (or evict) the owner's
+    /// Marimo session.
+    pub fn bind_session_id(&self, member: Id, notebook: Id, browser_sid: &str) -> [u8; 8] {
+        let mut ctx = hmac::Context::with_key(&self.key);
+        ctx.update(member.as_str().as_bytes());
+        ctx.update(notebook.as_str().as_bytes());
+        ctx.update(browser_sid.as_bytes());
+        let tag = ctx.sign();
+        let mut n = u64::from_be_bytes(
+            tag.as_ref()[..8]
+                .try_into()
+                .expect("HMAC-SHA256 is 32 bytes"),
+        );
+        let mut out = *b"s_000000";
+        for slot in out[2..].iter_mut().rev() {
+            *slot = b"0123456789abcdefghijklmnopqrstuvwxyz"[(n % 36) as usize];
+            n /= 36;
+        }
+        out
+    }
+}
 
 /// Which kind of request a rule admits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -169,6 +211,15 @@ pub struct Decision {
     pub kiosk_redirect: bool,
 }
 
+/// Where [`Decision::kiosk_redirect`] sends the browser: the same page with `kiosk=true`
+/// added to its query.
+pub fn kiosk_location(uri: &Uri) -> String {
+    match uri.query() {
+        Some(q) if !q.is_empty() => format!("{}?{q}&kiosk=true", uri.path()),
+        _ => format!("{}?kiosk=true", uri.path()),
+    }
+}
+
 /// The policy knobs from configuration.
 #[derive(Clone, Copy, Debug)]
 pub struct Policy {
@@ -195,7 +246,7 @@ impl Policy {
     /// `headers` in place.
     pub fn authorize(
         &self,
-        keys: &CookieKeys,
+        binding: &SessionBinding,
         id: &Identity,
         parts: &mut http::request::Parts,
         base_len: usize,
@@ -271,7 +322,7 @@ impl Policy {
                 .ok()
                 .filter(|s| is_marimo_sid(s))
                 .ok_or_else(|| EdgeError::new(ErrorKind::DeniedSessionId, "session header"))?;
-            let bound = keys.bind_session_id(id.member, id.notebook, sid);
+            let bound = binding.bind_session_id(id.member, id.notebook, sid);
             headers.insert(
                 SESSION_HEADER,
                 HeaderValue::from_bytes(&bound)
@@ -287,7 +338,7 @@ impl Policy {
         let at_root = rel == "/";
         if let Some(q) = uri.query() {
             if let Some(new_q) = rewrite_query(q, force_kiosk, |sid| {
-                keys.bind_session_id(id.member, id.notebook, sid)
+                binding.bind_session_id(id.member, id.notebook, sid)
             })? {
                 *uri = rebuild(uri, Some(&new_q))?;
             }
@@ -602,6 +653,7 @@ fn rebuild(uri: &Uri, query: Option<&str>) -> Result<Uri, EdgeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::authenticate::cookie::session_binding_key;
     use marina_config::Id;
 
     fn ident(mode: AccessMode) -> Identity {
@@ -634,8 +686,8 @@ mod tests {
             .0
     }
 
-    fn keys() -> CookieKeys {
-        CookieKeys::new(&[[3; 32]]).unwrap()
+    fn keys() -> SessionBinding {
+        SessionBinding::new(session_binding_key(&[3; 32]))
     }
 
     /// The notebook's own origin (subdomain mode), and a sibling notebook's: same site.
@@ -1220,5 +1272,26 @@ mod tests {
         assert!(STRICT
             .authorize(&keys(), &ident(AccessMode::View), &mut p, 21, false, OWN)
             .is_ok());
+    }
+
+    #[test]
+    fn session_binding_depends_on_member() {
+        let id = |s: &str| Id::parse(s).unwrap();
+        let k = SessionBinding::new(session_binding_key(&[9; 32]));
+        let nb = id("NOTEBOOK01");
+        let a = k.bind_session_id(id("MEMBER0001"), nb, "s_abc123");
+        let b = k.bind_session_id(id("MEMBER0002"), nb, "s_abc123");
+        assert_ne!(a, b);
+        assert_eq!(a, k.bind_session_id(id("MEMBER0001"), nb, "s_abc123"));
+        let s = std::str::from_utf8(&a).unwrap();
+        assert!(
+            s.starts_with("s_")
+                && s[2..]
+                    .bytes()
+                    .all(|c| c.is_ascii_digit() || c.is_ascii_lowercase())
+        );
+        // Another replica with the same configured key derives the same id.
+        let k2 = SessionBinding::new(session_binding_key(&[9; 32]));
+        assert_eq!(a, k2.bind_session_id(id("MEMBER0001"), nb, "s_abc123"));
     }
 }

@@ -1,16 +1,12 @@
-//! The edge: start-up ([`Edge::new`]), the accept loop and graceful shutdown ([`Edge::serve`]),
-//! and the request pipeline that runs the named phases in order:
-//!
-//! `route` → `authenticate` → `authorize` → `forward` → `activity` (always), with every error
-//! turned into a response by [`crate::error::respond`]. See `docs/request-lifecycle.md`.
+//! The edge: building it ([`Edge::new`]: keys, replay journal, routes source, TLS) and serving
+//! it ([`Edge::serve`]: the background tasks, the accept loop with TLS and the first-byte
+//! timeout, graceful shutdown and draining). Each request is handed to
+//! [`crate::pipeline::handle`], which runs the named phases.
 
-use std::convert::Infallible;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{header, HeaderValue, Request, Response, StatusCode};
-use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -21,58 +17,22 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
-use crate::activity;
-use crate::authenticate::cookie::CookieKeys;
+use crate::admin;
+use crate::authenticate::cookie::{self, CookieKeys};
 use crate::authenticate::replay::{MemoryReplay, ReplayStore};
 use crate::authenticate::token::TokenVerifier;
-use crate::authenticate::{Authenticator, Identity};
-use crate::authorize::{Decision, Policy, Transport};
-use crate::body::EdgeBody;
-use crate::control::ControlClient;
-use crate::error::{respond, EdgeError, ErrorKind, ProxyError};
-use crate::forward::{rewrite_request_headers, Affinity, ForwardInfo, Forwarder, RequestId};
+use crate::authenticate::Authenticator;
+use crate::authorize::{Policy, SessionBinding};
+use crate::error::ProxyError;
+use crate::forward::Forwarder;
 use crate::metrics::Metrics;
-use crate::route::{locate, RouteEntry, RouteTable, Target};
-use crate::ws::{self, RelayCtx, WsConfig};
-
-/// Everything a request needs, shared by all connections (immutable or internally lock-free).
-struct Shared {
-    addressing: marina_config::Addressing,
-    routes: Arc<RouteTable>,
-    auth: Authenticator,
-    policy: Policy,
-    forwarder: Forwarder,
-    ws: WsConfig,
-    metrics: &'static Metrics,
-    /// Flipped on shutdown; every open WebSocket holds a receiver, so `closed()` on the sender
-    /// tells when the last one is gone.
-    ws_shutdown: watch::Sender<bool>,
-    /// `https` behind TLS or when the public URL says so (TLS terminated in front).
-    proto: &'static str,
-    request_ids: AtomicU64,
-    request_id_prefix: u32,
-    /// Names of the edge's cookie that are stripped before forwarding (with and without the
-    /// `__Host-` prefix, whatever the current configuration: an old cookie must not leak either).
-    cookie_names: [String; 2],
-}
-
-/// What one browser connection carries from request to request.
-struct Downstream {
-    /// Its `X-Forwarded-For` value, formatted once per connection rather than per request.
-    forwarded_for: HeaderValue,
-    /// Its own upstream connection (see `forward::Affinity`).
-    upstream: Arc<Affinity>,
-}
-
-/// Per-request context shared by the phases (Pingora's `CTX`).
-struct RequestCtx {
-    /// Answer errors as JSON (API calls) rather than HTML pages.
-    wants_json: bool,
-    in_handshake: bool,
-    route: Option<Arc<RouteEntry>>,
-    identity: Option<Identity>,
-    decision: Option<Decision>,
-}
+use crate::pipeline::{handle, now_s, Downstream, Shared};
+use crate::respond::Security;
+use crate::route::RouteTable;
+use crate::tls;
+use crate::uplink::client::ControlClient;
+use crate::uplink::{feed, report};
+use crate::ws::WsConfig;
 
 enum Source {
     File(std::path::PathBuf),
@@ -86,7 +46,7 @@ pub struct Edge {
     control: Option<ControlClient>,
     tls: Option<(
         TlsAcceptor,
-        Arc<crate::tls::CertResolver>,
+        Arc<tls::CertResolver>,
         marina_config::settings::TlsSettings,
     )>,
     header_read: Duration,
@@ -110,7 +70,7 @@ impl Edge {
         let metrics: &'static Metrics = Box::leak(Box::new(Metrics::new()));
         let addressing = settings.addressing();
         let verifier = TokenVerifier::from_settings(settings)?;
-        let keys = if p.cookie.keys.is_empty() {
+        let secrets = if p.cookie.keys.is_empty() {
             let path = settings.data_dir.join("cookie-key");
             let hex = marina_config::secrets::load_or_create_hex(&path, 32).map_err(|source| {
                 ProxyError::File {
@@ -119,16 +79,20 @@ impl Edge {
                     source,
                 }
             })?;
-            CookieKeys::from_hex(&[hex]).ok_or_else(|| ProxyError::Key {
+            cookie::parse_secrets(&[hex]).ok_or_else(|| ProxyError::Key {
                 what: "cookie key (64 hex characters)",
                 path: path.display().to_string(),
                 message: "not 32 hex-encoded bytes".into(),
             })?
         } else {
-            CookieKeys::from_hex(&p.cookie.keys).ok_or_else(|| {
+            cookie::parse_secrets(&p.cookie.keys).ok_or_else(|| {
                 ProxyError::Config("proxy.cookie.keys: each key must be 64 hex characters".into())
             })?
         };
+        // Both from the same secrets, as `cookie` derives them: the sealing keys for
+        // `authenticate`, the session-binding key for `authorize`.
+        let keys = CookieKeys::new(&secrets).expect("parse_secrets yields at least one secret");
+        let binding = SessionBinding::new(cookie::session_binding_key(&secrets[0]));
         let control = if p.control_url.is_empty() {
             None
         } else {
@@ -154,7 +118,7 @@ impl Edge {
         let routes = Arc::new(RouteTable::new(metrics, addressing.clone()));
         let source = match &p.routes_file {
             Some(path) => {
-                let snap = crate::feed::load_file(path)?;
+                let snap = feed::load_file(path)?;
                 routes.apply(snap).map_err(ProxyError::Routes)?;
                 Source::File(path.clone())
             }
@@ -162,23 +126,16 @@ impl Edge {
         };
         let tls = match &p.tls {
             Some(t) => {
-                let (acc, res) = crate::tls::acceptor(t)?;
+                let (acc, res) = tls::acceptor(t)?;
                 Some((acc, res, t.clone()))
             }
             None => None,
         };
-        let csp = HeaderValue::try_from(format!(
-            "frame-ancestors {}",
-            settings.frame_ancestors().join(" ")
-        ))
-        .map_err(|_| {
-            ProxyError::Config("proxy.frame_ancestors: not a valid header value".into())
-        })?;
+        let security = Security::from_settings(settings)?;
         let t = &p.timeouts;
         let forwarder = Forwarder::new(
             Duration::from_millis(t.upstream_connect_ms),
             Duration::from_millis(t.upstream_response_ms),
-            csp,
             metrics,
         );
         let auth = Authenticator::new(settings, verifier, keys, replay);
@@ -197,10 +154,12 @@ impl Edge {
             addressing,
             routes,
             auth,
+            binding,
             policy: Policy {
                 interactive_viewers: p.interactive_viewers,
             },
             forwarder,
+            security,
             ws: WsConfig {
                 max_message: p.max_ws_message_bytes as u64,
                 ping_every: Duration::from_secs(t.websocket_ping_seconds.max(1)),
@@ -248,14 +207,14 @@ impl Edge {
         let metrics = shared.metrics;
         let mut background = Vec::new();
         match &self.source {
-            Source::File(path) => background.push(tokio::spawn(crate::feed::follow_file(
+            Source::File(path) => background.push(tokio::spawn(feed::follow_file(
                 path.clone(),
                 shared.routes.clone(),
                 metrics,
             ))),
             Source::Control => {
                 if let Some(c) = &self.control {
-                    background.push(tokio::spawn(crate::feed::follow_control(
+                    background.push(tokio::spawn(feed::follow_control(
                         c.clone(),
                         shared.routes.clone(),
                         metrics,
@@ -264,7 +223,7 @@ impl Edge {
             }
         }
         if let Some(c) = &self.control {
-            background.push(tokio::spawn(activity::report_loop(
+            background.push(tokio::spawn(report::report_loop(
                 shared.routes.clone(),
                 c.clone(),
                 self.edge_id.clone(),
@@ -274,13 +233,13 @@ impl Edge {
         }
         let acceptor = match self.tls {
             Some((acc, resolver, settings)) => {
-                background.push(tokio::spawn(crate::tls::follow(settings, resolver)));
+                background.push(tokio::spawn(tls::follow(settings, resolver)));
                 Some(acc)
             }
             None => None,
         };
         let (admin_stop, admin_rx) = watch::channel(false);
-        let admin_task = tokio::spawn(crate::admin::serve(
+        let admin_task = tokio::spawn(admin::serve(
             admin,
             metrics,
             shared.routes.clone(),
@@ -317,11 +276,7 @@ impl Edge {
             };
             let _ = stream.set_nodelay(true);
             let shared = shared.clone();
-            let downstream = Arc::new(Downstream {
-                forwarded_for: HeaderValue::try_from(peer.ip().to_string())
-                    .unwrap_or(HeaderValue::from_static("unknown")),
-                upstream: Arc::new(Affinity::default()),
-            });
+            let downstream = Arc::new(Downstream::new(peer));
             let service = service_fn(move |req| handle(shared.clone(), downstream.clone(), req));
             let builder = builder.clone();
             let watcher = graceful.watcher();
@@ -388,234 +343,4 @@ impl Edge {
         }
         Ok(())
     }
-}
-
-fn now_s() -> u64 {
-    (activity::now_ms() / 1000) as u64
-}
-
-/// Runs the phases for one request and answers. Never fails: errors become responses here.
-async fn handle(
-    shared: Arc<Shared>,
-    downstream: Arc<Downstream>,
-    req: Request<Incoming>,
-) -> Result<Response<EdgeBody>, Infallible> {
-    let wants_json = !req
-        .headers()
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|a| a.contains("text/html"));
-    let mut ctx = RequestCtx {
-        wants_json,
-        in_handshake: false,
-        route: None,
-        identity: None,
-        decision: None,
-    };
-    let resp = match pipeline(&shared, &mut ctx, &downstream, req).await {
-        Ok(r) => r,
-        Err(e) => {
-            let m = shared.metrics;
-            m.error(e.kind, ctx.in_handshake);
-            if e.kind == ErrorKind::Internal {
-                tracing::warn!(reason = e.kind.reason(), error = %e, "request failed");
-            } else {
-                tracing::debug!(reason = e.kind.reason(), error = %e, "request refused");
-            }
-            let mut resp = respond(&e, ctx.wants_json);
-            // Error pages are framed by the host application too: only the allowed origins
-            // may embed them, like every other response of a notebook's origin.
-            resp.headers_mut().insert(
-                header::CONTENT_SECURITY_POLICY,
-                shared.forwarder.csp.clone(),
-            );
-            resp
-        }
-    };
-    record_activity(&ctx);
-    shared.metrics.response(resp.status().as_u16());
-    Ok(resp)
-}
-
-/// Phase 5, `activity`: runs for every request, failed or not. A request counts when it was
-/// authorized and is not one of the UI's timers, even if the upstream then failed (the person
-/// was there).
-fn record_activity(ctx: &RequestCtx) {
-    if let (Some(route), Some(_), Some(d)) = (&ctx.route, &ctx.identity, &ctx.decision) {
-        if d.activity {
-            route.activity.touch();
-        }
-    }
-}
-
-async fn pipeline(
-    shared: &Shared,
-    ctx: &mut RequestCtx,
-    downstream: &Downstream,
-    req: Request<Incoming>,
-) -> Result<Response<EdgeBody>, EdgeError> {
-    // Phase 1: route.
-    let host = req.uri().authority().map(|a| a.as_str()).or_else(|| {
-        req.headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-    });
-    let loc = locate(&shared.addressing, host, req.uri().path())?;
-    let route = shared.routes.get(loc.notebook);
-    match loc.target {
-        Target::AddSlash => {
-            let mut to = format!("{}/", req.uri().path());
-            if let Some(q) = req.uri().query() {
-                to.push('?');
-                to.push_str(q);
-            }
-            return redirect(StatusCode::PERMANENT_REDIRECT, &to);
-        }
-        Target::Handshake => {
-            ctx.in_handshake = true;
-            ctx.wants_json = false;
-            // Phase 2 (handshake variant): redeem the URL token, answer with the cookie.
-            let hs = shared
-                .auth
-                .handshake(
-                    &loc,
-                    req.uri().path(),
-                    req.uri().query(),
-                    route.as_deref(),
-                    now_s(),
-                )
-                .await?;
-            shared.metrics.handshake_ok.inc();
-            ctx.route = route;
-            ctx.identity = Some(hs.identity);
-            let mut r = redirect(StatusCode::SEE_OTHER, &hs.location)?;
-            let h = r.headers_mut();
-            h.insert(header::SET_COOKIE, hs.set_cookie);
-            h.insert(
-                header::REFERRER_POLICY,
-                HeaderValue::from_static("no-referrer"),
-            );
-            h.insert(
-                header::CONTENT_SECURITY_POLICY,
-                shared.forwarder.csp.clone(),
-            );
-            return Ok(r);
-        }
-        Target::Notebook => {}
-    }
-    let route = route.ok_or_else(|| EdgeError::new(ErrorKind::NotRunning, "route"))?;
-    ctx.route = Some(route.clone());
-
-    // Phase 2: authenticate (cookie).
-    let identity = shared.auth.session(req.headers(), &loc, &route, now_s())?;
-    ctx.identity = Some(identity);
-
-    // Phase 3: authorize.
-    let handshake = ws::handshake_kind(&req);
-    let upgrade = handshake.is_some();
-    let (mut parts, body) = req.into_parts();
-    if handshake == Some(ws::Handshake::ExtendedConnect) {
-        // RFC 8441 §4: HTTP/2's form of the `GET` upgrade. From here on it is that `GET`, so
-        // authorize judges both forms by the same rules.
-        parts.method = http::Method::GET;
-    }
-    let decision = shared.policy.authorize(
-        &shared.auth.keys,
-        &identity,
-        &mut parts,
-        loc.base_len,
-        upgrade,
-        &route.origin,
-    )?;
-    ctx.decision = Some(decision);
-    if decision.kiosk_redirect {
-        let location = match parts.uri.query() {
-            Some(q) if !q.is_empty() => format!("{}?{q}&kiosk=true", parts.uri.path()),
-            _ => format!("{}?kiosk=true", parts.uri.path()),
-        };
-        return redirect(StatusCode::FOUND, &location);
-    }
-
-    // Phase 4: forward.
-    let request_id = RequestId {
-        prefix: shared.request_id_prefix,
-        n: shared.request_ids.fetch_add(1, Ordering::Relaxed),
-    };
-    let host = match parts.headers.get(header::HOST) {
-        Some(h) => Some(h.clone()),
-        None => parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::try_from(a.as_str()).ok()),
-    };
-    let names = [
-        shared.cookie_names[0].as_str(),
-        shared.cookie_names[1].as_str(),
-    ];
-    if decision.transport == Transport::WebSocket {
-        rewrite_request_headers(
-            &mut parts.headers,
-            &names,
-            &route,
-            ForwardInfo {
-                forwarded_for: &downstream.forwarded_for,
-                proto: shared.proto,
-                host: host.as_ref(),
-                request_id,
-            },
-        );
-        let on_upgrade = parts
-            .extensions
-            .remove::<hyper::upgrade::OnUpgrade>()
-            .ok_or_else(|| EdgeError::new(ErrorKind::BadRequest, "not upgradable"))?;
-        let pq = parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/");
-        let relay = RelayCtx {
-            identity,
-            activity: route.activity.clone(),
-            guard: route.activity.open_stream(&shared.metrics.websockets_open),
-            routes: shared.routes.clone(),
-            shutdown: shared.ws_shutdown.subscribe(),
-            metrics: shared.metrics,
-            config: shared.ws,
-        };
-        let kind = handshake.unwrap_or(ws::Handshake::Upgrade);
-        let mut resp = ws::upgrade(&route, pq, &parts.headers, kind, on_upgrade, relay).await?;
-        resp.headers_mut().insert(
-            header::CONTENT_SECURITY_POLICY,
-            shared.forwarder.csp.clone(),
-        );
-        return Ok(resp);
-    }
-    let guard = (decision.transport == Transport::EventStream)
-        .then(|| route.activity.open_stream(&shared.metrics.streams_open));
-    // HTTP/1 browser connections carry one request at a time: they get their own upstream
-    // connection. HTTP/2 ones multiplex and use the shared pool.
-    let affinity = (parts.version <= http::Version::HTTP_11).then_some(&downstream.upstream);
-    let info = ForwardInfo {
-        forwarded_for: &downstream.forwarded_for,
-        proto: shared.proto,
-        host: host.as_ref(),
-        request_id,
-    };
-    shared
-        .forwarder
-        .forward(&route, parts, body, guard, affinity, &names, info)
-        .await
-}
-
-fn redirect(status: StatusCode, location: &str) -> Result<Response<EdgeBody>, EdgeError> {
-    let mut r = Response::new(EdgeBody::empty());
-    *r.status_mut() = status;
-    let h = r.headers_mut();
-    h.insert(
-        header::LOCATION,
-        HeaderValue::try_from(location)
-            .map_err(|_| EdgeError::new(ErrorKind::BadRequest, "redirect location"))?,
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    Ok(r)
 }

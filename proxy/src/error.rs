@@ -1,18 +1,15 @@
-//! One error type for the whole request path, and the one function that turns it into a response.
+//! The edge's errors: [`EdgeError`] for the request path, [`ProxyError`] for start-up. The
+//! bottom of the crate: it imports no other module of it.
 //!
 //! Modelled on Pingora's errors: an [`EdgeError`] has a *kind* (what went wrong, which fixes the
 //! status code, the page and the metrics label), a *source* (whose fault: the client, the notebook
 //! server, or the edge itself), a short static *context* (where), and optionally the *cause*.
 //! Runtime detail goes in the context or the cause, never in the kind, so the set of metric
-//! labels stays fixed. [`respond`] is the only place that builds an error response: it never
-//! echoes the cause, the token or anything the client sent.
+//! labels stays fixed. Turning an error into what the browser sees is [`crate::respond`]'s job.
 
 use std::fmt;
 
-use bytes::Bytes;
-use http::{header, HeaderValue, Response, StatusCode};
-
-use crate::body::EdgeBody;
+use http::StatusCode;
 
 /// Whose fault an error is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -221,105 +218,6 @@ impl ErrorKind {
                 | DeniedQuery
         )
     }
-
-    /// Title and one-sentence explanation shown to people.
-    fn page(self) -> (&'static str, &'static str) {
-        use ErrorKind::*;
-        match self {
-            NotFound => ("Not found", "There is no notebook at this address."),
-            NotRunning => (
-                "Notebook not running",
-                "This notebook is not running right now. Start it from the application and open it again.",
-            ),
-            LinkMissing | LinkInvalid => (
-                "Invalid link",
-                "This notebook link is not valid. Open the notebook again from the application.",
-            ),
-            LinkExpired => (
-                "Link expired",
-                "This notebook link has expired. Open the notebook again from the application.",
-            ),
-            LinkNotYetValid => (
-                "Link not yet valid",
-                "This notebook link is not valid yet. Check the clock of the server, or try again in a moment.",
-            ),
-            LinkOtherNotebook => ("No access", "This link was issued for another notebook."),
-            LinkStaleSession => (
-                "Link expired",
-                "The notebook was restarted since this link was issued. Open it again from the application.",
-            ),
-            LinkReplayed => (
-                "Link already used",
-                "Each notebook link works once. Open the notebook again from the application.",
-            ),
-            ReplayStoreUnavailable => (
-                "Try again",
-                "The link could not be checked right now. Try again in a moment.",
-            ),
-            NoSession | SessionInvalid => (
-                "Not signed in",
-                "Open this notebook from the application to get access.",
-            ),
-            SessionExpired => (
-                "Session expired",
-                "Your access to this notebook has expired. Open it again from the application.",
-            ),
-            SessionStale => (
-                "Notebook restarted",
-                "The notebook was restarted. Open it again from the application.",
-            ),
-            SessionOtherNotebook | NoAccess => (
-                "No access",
-                "You do not have access to this notebook.",
-            ),
-            DeniedReadOnly => ("Read only", "You can view this notebook but not change it."),
-            DeniedCredentialEndpoint | DeniedPath | DeniedSessionId | DeniedOrigin => {
-                ("Forbidden", "This request is not allowed.")
-            }
-            BadRequest | DeniedQuery => ("Bad request", "The request could not be understood."),
-            UpstreamConnect | UpstreamTimeout | UpstreamProtocol => (
-                "Notebook not responding",
-                "The notebook server is not responding. It may be starting or stopping; try again in a moment.",
-            ),
-            Internal => ("Error", "Something went wrong on our side."),
-        }
-    }
-}
-
-/// Turns an error into the response the browser gets. The ONE place that does so.
-///
-/// `wants_json`: API calls get `{"error":{"code","message"}}`; page loads a small HTML page.
-/// Neither ever contains the cause, request data or a token. Every error response is
-/// `no-store` (a failed handshake must not be cached with its URL).
-pub fn respond(err: &EdgeError, wants_json: bool) -> Response<EdgeBody> {
-    let kind = err.kind;
-    let (title, message) = kind.page();
-    let (content_type, body) = if wants_json {
-        let v = serde_json::json!({"error": {"code": kind.reason(), "message": message}});
-        ("application/json", Bytes::from(v.to_string()))
-    } else {
-        let page = format!(
-            "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title}</title>\
-             <meta name=\"viewport\" content=\"width=device-width\">\
-             <style>body{{font-family:system-ui,sans-serif;max-width:32rem;margin:4rem auto;padding:0 1rem;color:#222}}</style>\
-             </head><body><h1>{title}</h1><p>{message}</p></body></html>\n"
-        );
-        ("text/html; charset=utf-8", Bytes::from(page))
-    };
-    let mut resp = Response::new(EdgeBody::full(body));
-    *resp.status_mut() = kind.status();
-    let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert(
-        header::X_CONTENT_TYPE_OPTIONS,
-        HeaderValue::from_static("nosniff"),
-    );
-    h.insert(
-        header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
-    );
-    resp
 }
 
 /// Errors of [`crate::Edge::new`] and [`crate::Edge::serve`]: configuration, keys, files,
@@ -351,32 +249,6 @@ pub enum ProxyError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http_body_util::BodyExt;
-
-    async fn body_text(r: Response<EdgeBody>) -> String {
-        let b = r.into_body().collect().await.unwrap().to_bytes();
-        String::from_utf8(b.to_vec()).unwrap()
-    }
-
-    #[tokio::test]
-    async fn json_and_html_never_echo_the_cause() {
-        let e = EdgeError::new(ErrorKind::LinkInvalid, "test")
-            .with_cause("secret-token-value in cause".to_string());
-        let r = respond(&e, true);
-        assert_eq!(r.status(), 401);
-        assert_eq!(r.headers()[header::CACHE_CONTROL], "no-store");
-        let t = body_text(r).await;
-        let v: serde_json::Value = serde_json::from_str(&t).unwrap();
-        assert_eq!(v["error"]["code"], "link_invalid");
-        assert!(!t.contains("secret-token-value"));
-        let r = respond(&e, false);
-        assert!(r.headers()[header::CONTENT_TYPE]
-            .to_str()
-            .unwrap()
-            .starts_with("text/html"));
-        let t = body_text(r).await;
-        assert!(t.contains("Invalid link") && !t.contains("secret-token-value"));
-    }
 
     #[test]
     fn statuses_by_kind() {

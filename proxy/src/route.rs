@@ -160,6 +160,16 @@ pub enum Target {
     Notebook,
 }
 
+/// Where [`Target::AddSlash`] sends the browser: the path with its slash, the query kept.
+pub fn add_slash_location(uri: &http::Uri) -> String {
+    let mut to = format!("{}/", uri.path());
+    if let Some(q) = uri.query() {
+        to.push('?');
+        to.push_str(q);
+    }
+    to
+}
+
 /// Where a request is going.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Located {

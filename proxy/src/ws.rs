@@ -38,8 +38,8 @@ use tokio::sync::watch;
 
 use crate::activity::{Activity, StreamGuard};
 use crate::authenticate::{Authenticator, Identity};
-use crate::body::EdgeBody;
 use crate::error::{EdgeError, ErrorKind};
+use crate::forward::body::EdgeBody;
 use crate::metrics::Metrics;
 use crate::route::{RouteEntry, RouteTable};
 

@@ -8,9 +8,10 @@
 //!
 //! 68 bytes, 91 characters. The version byte is also the AEAD's associated data, so it cannot be
 //! swapped. Keys come from configuration (`proxy.cookie.keys`, hex; the first seals, every one
-//! opens, for rotation) or from `DATA_DIR/cookie-key`. The AES key and the key that binds Marimo
-//! session ids to members are both derived from each configured key with HKDF, so one secret
-//! never serves two algorithms directly.
+//! opens, for rotation) or from `DATA_DIR/cookie-key`. The AES keys and the key that binds Marimo
+//! session ids to members (owned by `authorize`, [`crate::authorize::SessionBinding`]) are both
+//! derived here from the configured keys with HKDF, so one secret never serves two algorithms
+//! directly.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -44,11 +45,10 @@ pub enum CookieError {
     Invalid,
 }
 
-/// The sealing keys and the derived Marimo-session binding key.
+/// The sealing keys.
 pub struct CookieKeys {
     /// First seals; all open.
     keys: Vec<LessSafeKey>,
-    session_binding: hmac::Key,
     rng: SystemRandom,
 }
 
@@ -57,7 +57,7 @@ pub struct CookieKeys {
 impl CookieKeys {
     /// Builds keys from 32-byte secrets (the first is the current one).
     pub fn new(secrets: &[[u8; 32]]) -> Option<CookieKeys> {
-        let first = secrets.first()?;
+        secrets.first()?;
         let keys = secrets
             .iter()
             .map(|s| {
@@ -68,25 +68,15 @@ impl CookieKeys {
                 LessSafeKey::new(UnboundKey::from(okm))
             })
             .collect();
-        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, SALT).extract(first);
-        let session_binding = hmac::Key::from(
-            prk.expand(&[b"marimo-session"], hmac::HMAC_SHA256)
-                .expect("HMAC key length is within HKDF's output limit"),
-        );
         Some(CookieKeys {
             keys,
-            session_binding,
             rng: SystemRandom::new(),
         })
     }
 
     /// Parses hex secrets (64 hex characters each).
     pub fn from_hex(hex: &[String]) -> Option<CookieKeys> {
-        let mut secrets = Vec::with_capacity(hex.len());
-        for h in hex {
-            secrets.push(parse_hex32(h.trim())?);
-        }
-        CookieKeys::new(&secrets)
+        CookieKeys::new(&parse_secrets(hex)?)
     }
 
     /// Seals claims into a cookie value.
@@ -142,32 +132,26 @@ impl CookieKeys {
         }
         Err(CookieError::Invalid)
     }
+}
 
-    /// The Marimo session id the notebook sees for `browser_sid` sent by `member`:
-    /// `s_` + 6 base36 characters of HMAC(key, member ‖ notebook ‖ browser sid).
-    ///
-    /// Every replica computes the same value with no shared state, and a member can only ever
-    /// produce ids derived from their own member id: presenting someone else's browser session id
-    /// yields a different effective id, so a viewer can never act as (or evict) the owner's
-    /// Marimo session.
-    pub fn bind_session_id(&self, member: Id, notebook: Id, browser_sid: &str) -> [u8; 8] {
-        let mut ctx = hmac::Context::with_key(&self.session_binding);
-        ctx.update(member.as_str().as_bytes());
-        ctx.update(notebook.as_str().as_bytes());
-        ctx.update(browser_sid.as_bytes());
-        let tag = ctx.sign();
-        let mut n = u64::from_be_bytes(
-            tag.as_ref()[..8]
-                .try_into()
-                .expect("HMAC-SHA256 is 32 bytes"),
-        );
-        let mut out = *b"s_000000";
-        for slot in out[2..].iter_mut().rev() {
-            *slot = b"0123456789abcdefghijklmnopqrstuvwxyz"[(n % 36) as usize];
-            n /= 36;
-        }
-        out
+/// The key that binds Marimo session ids to members ([`crate::authorize::SessionBinding`]),
+/// derived from the current (first) configured secret beside the sealing keys.
+pub fn session_binding_key(current: &[u8; 32]) -> hmac::Key {
+    let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, SALT).extract(current);
+    hmac::Key::from(
+        prk.expand(&[b"marimo-session"], hmac::HMAC_SHA256)
+            .expect("HMAC key length is within HKDF's output limit"),
+    )
+}
+
+/// Parses hex secrets (64 hex characters each; the first is the current one). `None` when one
+/// is malformed or there is none.
+pub fn parse_secrets(hex: &[String]) -> Option<Vec<[u8; 32]>> {
+    let mut secrets = Vec::with_capacity(hex.len());
+    for h in hex {
+        secrets.push(parse_hex32(h.trim())?);
     }
+    (!secrets.is_empty()).then_some(secrets)
 }
 
 fn decode_plain(p: &[u8]) -> Result<SessionClaims, CookieError> {
@@ -263,26 +247,6 @@ mod tests {
         assert!(k.open("").is_err());
         assert!(k.open("not base64 !!").is_err());
         assert!(k.open(&v[..v.len() - 2]).is_err());
-    }
-
-    #[test]
-    fn session_binding_depends_on_member() {
-        let k = CookieKeys::new(&[[9; 32]]).unwrap();
-        let nb = id("NOTEBOOK01");
-        let a = k.bind_session_id(id("MEMBER0001"), nb, "s_abc123");
-        let b = k.bind_session_id(id("MEMBER0002"), nb, "s_abc123");
-        assert_ne!(a, b);
-        assert_eq!(a, k.bind_session_id(id("MEMBER0001"), nb, "s_abc123"));
-        let s = std::str::from_utf8(&a).unwrap();
-        assert!(
-            s.starts_with("s_")
-                && s[2..]
-                    .bytes()
-                    .all(|c| c.is_ascii_digit() || c.is_ascii_lowercase())
-        );
-        // Another replica with the same configured key derives the same id.
-        let k2 = CookieKeys::new(&[[9; 32]]).unwrap();
-        assert_eq!(a, k2.bind_session_id(id("MEMBER0001"), nb, "s_abc123"));
     }
 
     #[test]

@@ -17,8 +17,8 @@ use std::sync::Mutex;
 use http::StatusCode;
 use marina_config::wire::{RedeemRequest, INTERNAL_PREFIX};
 
-use crate::control::ControlClient;
 use crate::error::{EdgeError, ErrorKind, ProxyError};
+use crate::uplink::client::ControlClient;
 
 pub enum ReplayStore {
     Memory(MemoryReplay),

@@ -180,9 +180,9 @@ impl Conn {
     }
 
     /// Reads until a whole (final, non-1xx) response head is buffered.
-    async fn read_head(&mut self, head_request: bool, csp: &HeaderValue) -> Result<Head, Failure> {
+    async fn read_head(&mut self, head_request: bool) -> Result<Head, Failure> {
         loop {
-            if let Some(h) = parse_head(&mut self.buf, head_request, csp).map_err(Failure::Proto)? {
+            if let Some(h) = parse_head(&mut self.buf, head_request).map_err(Failure::Proto)? {
                 return Ok(h);
             }
             self.buf.reserve(READ_HEAD);
@@ -256,7 +256,6 @@ pub(super) async fn send(
     body: Incoming,
     names: &[&str; 2],
     info: &ForwardInfo<'_>,
-    csp: &HeaderValue,
     connect_timeout: Duration,
     response_timeout: Duration,
 ) -> Result<(Head, UpstreamBody), EdgeError> {
@@ -275,7 +274,7 @@ pub(super) async fn send(
         if let Err(e) = conn.write_request(body, framing).await {
             return Err(Failure::Unanswered(Some(e)));
         }
-        conn.read_head(head_request, csp).await
+        conn.read_head(head_request).await
     };
     let result = match tokio::time::timeout(response_timeout, exchange).await {
         Err(_) => return Err(EdgeError::new(ErrorKind::UpstreamTimeout, "response head")),
@@ -297,7 +296,7 @@ pub(super) async fn send(
                 if let Err(e) = conn.io.write_all(&conn.out).await {
                     return Err(Failure::Io(e));
                 }
-                conn.read_head(head_request, csp).await
+                conn.read_head(head_request).await
             };
             match tokio::time::timeout(response_timeout, retry).await {
                 Err(_) => return Err(EdgeError::new(ErrorKind::UpstreamTimeout, "response head")),
@@ -420,11 +419,7 @@ fn line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 /// and rewrites its headers for the browser (the same rules as
 /// [`super::rewrite_response_headers`]). `None`: not complete yet. Header values are slices of
 /// the read buffer, not copies.
-fn parse_head(
-    buf: &mut BytesMut,
-    head_request: bool,
-    csp: &HeaderValue,
-) -> Result<Option<Head>, ProtoError> {
+fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, ProtoError> {
     loop {
         // (name start, name end, value start, value end) of each header, as offsets in `buf`
         // (a head is at most `MAX_HEAD` bytes, so they fit in `u16`: a small array to clear).
@@ -475,6 +470,7 @@ fn parse_head(
                 .filter(|s| head[s.0 as usize..s.1 as usize].eq_ignore_ascii_case(b"connection"))
                 .map(|s| &head[s.2 as usize..s.3 as usize]),
         );
+        // `+ 2`: room for the security headers the pipeline adds (`respond::Security::harden`).
         let mut headers = HeaderMap::with_capacity(count + 2);
         let mut length: Option<u64> = None;
         let mut transfer_encoding = false;
@@ -514,11 +510,6 @@ fn parse_head(
                 .map_err(|_| ProtoError("header value"))?;
             headers.append(name, value);
         }
-        headers.append(header::CONTENT_SECURITY_POLICY, csp.clone());
-        headers.insert(
-            header::X_CONTENT_TYPE_OPTIONS,
-            HeaderValue::from_static("nosniff"),
-        );
         let no_body =
             head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
         let framing = if no_body {
@@ -825,7 +816,12 @@ mod tests {
 
     fn parse(wire: &[u8], head_request: bool) -> Result<Option<(Head, BytesMut)>, ProtoError> {
         let mut buf = BytesMut::from(wire);
-        Ok(parse_head(&mut buf, head_request, &csp())?.map(|h| (h, buf)))
+        // As the browser gets it: the pipeline adds the security headers to every response.
+        let security = crate::respond::Security::new(csp());
+        Ok(parse_head(&mut buf, head_request)?.map(|mut h| {
+            security.harden(&mut h.headers);
+            (h, buf)
+        }))
     }
 
     #[test]

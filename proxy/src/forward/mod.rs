@@ -20,6 +20,7 @@
 //! writes the upstream request straight from the browser's headers) and by the `HeaderMap`
 //! rewrites used for HTTP/2 and WebSocket handshakes.
 
+pub mod body;
 mod chunked;
 mod h1;
 
@@ -36,8 +37,9 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 pub use h1::{Affinity, UpstreamBody};
 
+use body::EdgeBody;
+
 use crate::activity::StreamGuard;
-use crate::body::EdgeBody;
 use crate::error::{EdgeError, ErrorKind};
 use crate::metrics::Metrics;
 use crate::route::RouteEntry;
@@ -260,8 +262,9 @@ pub fn strip_cookies(headers: &mut HeaderMap, names: &[&str]) {
 }
 
 /// Rewrites response headers for the browser (HTTP/2 path; [`h1`] applies the same rules while
-/// parsing): see [`response_header_forwarded`]; adds the framing policy and `nosniff`.
-pub fn rewrite_response_headers(headers: &mut HeaderMap, csp: &HeaderValue) {
+/// parsing): see [`response_header_forwarded`]. The framing policy and `nosniff` are added to
+/// every response in one place, [`crate::respond::Security::harden`].
+pub fn rewrite_response_headers(headers: &mut HeaderMap) {
     let tokens = ConnectionTokens::of(headers.get_all(header::CONNECTION).iter());
     let old = std::mem::take(headers);
     let mut current: Option<HeaderName> = None;
@@ -274,11 +277,6 @@ pub fn rewrite_response_headers(headers: &mut HeaderMap, csp: &HeaderValue) {
             headers.append(name.clone(), value);
         }
     }
-    headers.append(header::CONTENT_SECURITY_POLICY, csp.clone());
-    headers.insert(
-        header::X_CONTENT_TYPE_OPTIONS,
-        HeaderValue::from_static("nosniff"),
-    );
 }
 
 /// The HTTP forwarder.
@@ -287,7 +285,6 @@ pub struct Forwarder {
     client: Client<HttpConnector, Incoming>,
     connect_timeout: Duration,
     response_timeout: Duration,
-    pub csp: HeaderValue,
     metrics: &'static Metrics,
 }
 
@@ -297,7 +294,6 @@ impl Forwarder {
     pub fn new(
         connect_timeout: Duration,
         response_timeout: Duration,
-        csp: HeaderValue,
         metrics: &'static Metrics,
     ) -> Forwarder {
         let mut http = HttpConnector::new();
@@ -314,7 +310,6 @@ impl Forwarder {
             client,
             connect_timeout,
             response_timeout,
-            csp,
             metrics,
         }
     }
@@ -343,7 +338,6 @@ impl Forwarder {
                 body,
                 cookie_names,
                 &info,
-                &self.csp,
                 self.connect_timeout,
                 self.response_timeout,
             )
@@ -405,7 +399,7 @@ impl Forwarder {
             .upstream_latency
             .observe(started.elapsed().as_secs_f64());
         let (mut parts, body) = resp.into_parts();
-        rewrite_response_headers(&mut parts.headers, &self.csp);
+        rewrite_response_headers(&mut parts.headers);
         let body = EdgeBody::Upstream {
             _guard: if is_event_stream(&parts.headers) {
                 guard
@@ -585,7 +579,9 @@ mod tests {
             HeaderValue::from_static("chunked"),
         );
         let csp = HeaderValue::from_static("frame-ancestors https://host.example");
-        rewrite_response_headers(&mut h, &csp);
+        rewrite_response_headers(&mut h);
+        // As the browser gets it: the pipeline adds the security headers to every response.
+        crate::respond::Security::new(csp.clone()).harden(&mut h);
         let cookies: Vec<_> = h.get_all(header::SET_COOKIE).iter().collect();
         assert_eq!(cookies, vec!["pref=1"]);
         assert!(h.keys().all(|k| !k.as_str().starts_with("access-control-")));

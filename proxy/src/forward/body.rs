@@ -1,4 +1,4 @@
-//! The response body type of the edge: either a small body the edge made itself, or the
+//! The response body type of the edge (`forward`'s, and every response's): either a small body the edge made itself, or the
 //! notebook server's body streamed through frame by frame (never collected), optionally holding
 //! a guard that counts an open event stream for as long as the body lives.
 
@@ -9,8 +9,9 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use crate::activity::StreamGuard;
-use crate::forward::UpstreamBody;
 use crate::metrics::Metrics;
+
+use super::UpstreamBody;
 
 /// The error of a body: the upstream failed mid-body (hyper then aborts the browser's
 /// connection, so the browser sees a truncated response rather than a complete wrong one).

@@ -9,10 +9,11 @@ use std::time::{Duration, SystemTime};
 
 use marina_config::wire::{RoutesSnapshot, INTERNAL_PREFIX};
 
-use crate::control::ControlClient;
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
 use crate::route::RouteTable;
+
+use super::client::ControlClient;
 
 /// How long the control plane may hold a routes request.
 const WAIT_SECONDS: u64 = 25;
