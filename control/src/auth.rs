@@ -13,6 +13,12 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use crate::error::{ApiError, StoreError};
+use crate::model::{ApiKey, Role};
+use crate::state::AppState;
+use crate::store::keys::{self, StoredSecret};
+use crate::store::notebooks::Viewer;
+use crate::store::{now_ms, Db};
 use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
@@ -20,12 +26,6 @@ use base64::Engine;
 use marina_config::Id;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
-use sqlx::Row;
-
-use crate::db::{get_id, now_ms};
-use crate::error::ApiError;
-use crate::model::Role;
-use crate::state::AppState;
 
 /// An authenticated member.
 #[derive(Clone, Debug)]
@@ -46,6 +46,15 @@ impl Principal {
 
     pub fn in_team(&self, team: Id) -> bool {
         self.team_ids.binary_search(&team).is_ok()
+    }
+
+    /// What the store's visibility clause needs of the caller.
+    pub fn viewer(&self) -> Viewer {
+        Viewer {
+            org_id: self.org_id,
+            member_id: self.member_id,
+            admin: self.is_admin(),
+        }
     }
 
     /// 403 unless the caller is an org admin.
@@ -110,35 +119,38 @@ impl FromRequestParts<AppState> for Principal {
 
 /// One round trip: the key, its member and the member's teams.
 async fn lookup_key(state: &AppState, hash: &str) -> Result<Option<Principal>, ApiError> {
-    let rows = sqlx::query(
-        "SELECT k.id AS key_id, m.id AS member_id, m.org_id, m.role, tm.team_id
-         FROM api_keys k
-         JOIN members m ON m.id = k.member_id
-         LEFT JOIN team_members tm ON tm.member_id = m.id
-         WHERE k.hash = $1",
-    )
-    .bind(hash)
-    .fetch_all(&state.db.pool)
-    .await?;
-    let Some(first) = rows.first() else {
-        return Ok(None);
-    };
-    let role: String = first.try_get("role")?;
-    let mut team_ids = Vec::with_capacity(rows.len());
-    for row in &rows {
-        if let Some(t) = row.try_get::<Option<String>, _>("team_id")? {
-            team_ids
-                .push(Id::parse(&t).map_err(|_| ApiError::Internal(format!("bad team id {t:?}")))?);
-        }
-    }
-    team_ids.sort();
-    Ok(Some(Principal {
-        key_id: get_id(first, "key_id")?,
-        member_id: get_id(first, "member_id")?,
-        org_id: get_id(first, "org_id")?,
-        role: Role::parse(&role).ok_or_else(|| ApiError::Internal(format!("bad role {role:?}")))?,
-        team_ids,
+    Ok(keys::lookup(&state.db, hash).await?.map(|k| Principal {
+        key_id: k.key_id,
+        member_id: k.member_id,
+        org_id: k.org_id,
+        role: k.role,
+        team_ids: k.team_ids,
     }))
+}
+
+/// Issues a new API key for `member`: stores its hash, returns its metadata and the secret
+/// (shown this once).
+pub async fn issue_key(
+    db: &Db,
+    member: Id,
+    name: &str,
+    created_by: Option<Id>,
+) -> Result<(ApiKey, String), StoreError> {
+    let secret = new_secret();
+    let hash = hash_secret(&secret);
+    let prefix = secret_prefix(&secret);
+    let key = keys::insert(
+        db,
+        member,
+        name,
+        StoredSecret {
+            hash: &hash,
+            prefix: &prefix,
+        },
+        created_by,
+    )
+    .await?;
+    Ok((key, secret))
 }
 
 /// An authenticated edge replica (the internal token).

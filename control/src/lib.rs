@@ -7,7 +7,8 @@
 //!   and the generated OpenAPI document.
 //! - [`auth`]: API keys (hashed), the member principal extractor, the edge's internal token,
 //!   per-key rate limiting.
-//! - [`db`]: the sqlx `Any` pool on SQLite or PostgreSQL, the embedded migrations, leases.
+//! - [`store`]: the sqlx `Any` pool on SQLite or PostgreSQL, the embedded migrations, and
+//!   every query, by table (the only place with SQL).
 //! - [`error`]: `ApiError` (the one error shape of the API) and `ControlError`.
 //! - [`extract`]: the JSON body, list parameter and path id extractors.
 //! - [`lifecycle`]: the state machine, the runtime driver, the monitor, reconciliation.
@@ -23,12 +24,12 @@
 
 pub mod api;
 pub mod auth;
-pub mod db;
 pub mod error;
 pub mod extract;
 pub mod lifecycle;
 pub mod model;
 pub mod state;
+pub mod store;
 pub mod tokens;
 
 use std::future::Future;
@@ -41,8 +42,8 @@ use marina_runtime::Runtime;
 pub use error::{ApiError, ControlError};
 pub use state::AppState;
 
-use crate::db::Db;
 use crate::state::{Inner, Metrics};
+use crate::store::Db;
 
 /// What the start that found an empty database created.
 #[derive(Clone, Debug)]
@@ -104,14 +105,10 @@ impl ControlPlane {
         db: &Db,
         settings: &Settings,
     ) -> Result<Option<Bootstrap>, ControlError> {
-        let orgs: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM organizations")
-            .fetch_one(&db.pool)
-            .await?;
-        if orgs > 0 {
+        if db.organization_count().await? > 0 {
             return Ok(None);
         }
-        let Some(new) =
-            api::iam::create_organization(db, "default", "admin", Some(BOOTSTRAP_MARKER)).await?
+        let Some(new) = create_organization(db, "default", "admin", Some(BOOTSTRAP_MARKER)).await?
         else {
             return Ok(None);
         };
@@ -198,25 +195,19 @@ impl ControlPlane {
         let db = &self.state.db;
         let member = match member {
             Some(m) => {
-                let found: Option<String> =
-                    sqlx::query_scalar("SELECT id FROM members WHERE id = $1")
-                        .bind(m.to_string())
-                        .fetch_optional(&db.pool)
-                        .await?;
-                found.ok_or(ControlError::NoSuchMember(m))?;
+                if !store::members::exists_anywhere(db, m).await? {
+                    return Err(ControlError::NoSuchMember(m));
+                }
                 m
             }
             None => {
-                let first: Option<String> = sqlx::query_scalar(
-                    "SELECT id FROM members WHERE role = 'admin' ORDER BY created_at, id LIMIT 1",
-                )
-                .fetch_optional(&db.pool)
-                .await?;
-                let first = first.ok_or(ControlError::NoAdmin)?;
+                let first = store::members::first_admin(db)
+                    .await?
+                    .ok_or(ControlError::NoAdmin)?;
                 Id::parse(&first).map_err(|_| ControlError::NoAdmin)?
             }
         };
-        let (_, secret) = api::iam::insert_api_key(db, member, name, None).await?;
+        let (_, secret) = auth::issue_key(db, member, name, None).await?;
         Ok(secret)
     }
 
@@ -227,11 +218,42 @@ impl ControlPlane {
         name: &str,
         admin_name: &str,
     ) -> Result<(Id, Id, String), ControlError> {
-        let new = api::iam::create_organization(&self.state.db, name, admin_name, None)
+        let new = create_organization(&self.state.db, name, admin_name, None)
             .await?
             .ok_or(ControlError::NoAdmin)?;
         Ok((new.organization_id, new.admin_member_id, new.admin_key))
     }
+}
+
+/// A new organization with one admin member and an API key for him.
+struct NewOrganization {
+    organization_id: Id,
+    admin_member_id: Id,
+    admin_key: String,
+}
+
+/// Creates an organization, its first admin and his key; with `once`, only if that marker
+/// was never set (see [`store::orgs::create`]).
+async fn create_organization(
+    db: &Db,
+    name: &str,
+    admin_name: &str,
+    once: Option<&str>,
+) -> Result<Option<NewOrganization>, ControlError> {
+    let secret = auth::new_secret();
+    let hash = auth::hash_secret(&secret);
+    let prefix = auth::secret_prefix(&secret);
+    let stored = store::keys::StoredSecret {
+        hash: &hash,
+        prefix: &prefix,
+    };
+    Ok(store::orgs::create(db, name, admin_name, stored, once)
+        .await?
+        .map(|o| NewOrganization {
+            organization_id: o.organization_id,
+            admin_member_id: o.admin_member_id,
+            admin_key: secret,
+        }))
 }
 
 /// Stops the background monitor when dropped or when [`BackgroundGuard::stop`] is awaited.

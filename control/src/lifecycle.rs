@@ -27,14 +27,14 @@ use std::time::Duration;
 
 use marina_config::workload::SailConfig;
 use marina_config::Id;
-use marina_runtime::{Endpoint, Expected, Health, StartSpec};
-use sqlx::Row;
+use marina_runtime::{Endpoint, Health, StartSpec};
 use tokio::task::AbortHandle;
 
-use crate::db::{bump_routes, get_id, get_opt_id, now_ms};
 use crate::error::{ApiError, StoreError};
-use crate::model::{Notebook, Status, NOTEBOOK_RETURNING, UP_STATES};
+use crate::model::{Notebook, Status};
 use crate::state::AppState;
+use crate::store::notebooks as store;
+use crate::store::now_ms;
 
 /// A ping counts as "a browser is connected" for this long: the seed asks the host to ping
 /// about every 60 s while the iframe is shown.
@@ -95,18 +95,11 @@ fn invalid_state(action: &str, status: Status, allowed: &str) -> ApiError {
 }
 
 async fn current_status(state: &AppState, id: Id) -> Result<Option<Status>, ApiError> {
-    let s: Option<String> = sqlx::query_scalar("SELECT status FROM notebooks WHERE id = $1")
-        .bind(id.to_string())
-        .fetch_optional(&state.db.pool)
-        .await?;
-    Ok(s.and_then(|s| Status::parse(&s)))
+    Ok(store::status(&state.db, id).await?)
 }
 
 async fn sail_config(state: &AppState, config_id: Id) -> Result<SailConfig, ApiError> {
-    let config: String = sqlx::query_scalar("SELECT config FROM workload_configs WHERE id = $1")
-        .bind(config_id.to_string())
-        .fetch_one(&state.db.pool)
-        .await?;
+    let config = crate::store::configs::config_json(&state.db, config_id).await?;
     let body: crate::model::WorkloadConfigBody = serde_json::from_str(&config)
         .map_err(|e| ApiError::Internal(format!("stored workload config {config_id}: {e}")))?;
     Ok(body.sail)
@@ -118,27 +111,14 @@ async fn sail_config(state: &AppState, config_id: Id) -> Result<SailConfig, ApiE
 pub async fn start(state: &AppState, nb: &Notebook, by: Id) -> Result<Notebook, ApiError> {
     let sail = sail_config(state, nb.workload_config_id).await?;
     let session = Id::random();
-    let now = now_ms();
-    let row = sqlx::query(&format!(
-        "UPDATE notebooks SET status = 'starting', session_id = $1, status_message = NULL,
-            upstream = NULL, upstream_token = NULL, running_since = NULL, detached_since = NULL,
-            last_ping_at = NULL, updated_at = $2, updated_by = $3, transition_at = $2
-         WHERE id = $4 AND status IN ('stopped', 'failed')
-         RETURNING {NOTEBOOK_RETURNING}"
-    ))
-    .bind(session.to_string())
-    .bind(now)
-    .bind(by.to_string())
-    .bind(nb.id.to_string())
-    .fetch_optional(&state.db.pool)
-    .await?;
-    let Some(row) = row else {
+    let started =
+        store::begin_start(&state.db, nb.id, session, by, state.detached_timeout()).await?;
+    let Some(started) = started else {
         let status = current_status(state, nb.id)
             .await?
             .ok_or_else(ApiError::notebook_not_found)?;
         return Err(invalid_state("start", status, "stopped or failed"));
     };
-    let started = Notebook::from_row(&row, state.detached_timeout())?;
     spawn_start(state, nb.id, session, sail);
     Ok(started)
 }
@@ -156,12 +136,7 @@ fn spawn_start(state: &AppState, id: Id, session: Id, sail: SailConfig) {
 
 /// Is the notebook still in `status` for `session`? (Another call may have moved it.)
 async fn still(state: &AppState, id: Id, session: Id, status: Status) -> bool {
-    let row: Result<Option<(String, Option<String>)>, _> =
-        sqlx::query_as("SELECT status, session_id FROM notebooks WHERE id = $1")
-            .bind(id.to_string())
-            .fetch_optional(&state.db.pool)
-            .await;
-    matches!(row, Ok(Some((s, Some(sid)))) if s == status.as_str() && sid == session.as_str())
+    matches!(store::is_in(&state.db, id, session, status).await, Ok(true))
 }
 
 async fn drive_start(state: &AppState, id: Id, session: Id, sail: SailConfig) {
@@ -228,27 +203,11 @@ async fn mark_running(
     session: Id,
     ep: &Endpoint,
 ) -> Result<bool, StoreError> {
-    let mut tx = state.db.pool.begin().await?;
-    bump_routes(&mut tx).await?;
-    let res = sqlx::query(
-        "UPDATE notebooks SET status = 'running', upstream = $1, upstream_token = $2,
-            running_since = $3, detached_since = NULL, status_message = NULL
-         WHERE id = $4 AND session_id = $5 AND status = 'starting'",
-    )
-    .bind(ep.upstream.as_str())
-    .bind(ep.token.as_str())
-    .bind(now_ms())
-    .bind(id.to_string())
-    .bind(session.to_string())
-    .execute(&mut *tx)
-    .await?;
-    if res.rows_affected() == 0 {
-        tx.rollback().await?;
-        return Ok(false);
+    let won = store::mark_running(&state.db, id, session, ep).await?;
+    if won {
+        state.routes_changed.notify_waiters();
     }
-    tx.commit().await?;
-    state.routes_changed.notify_waiters();
-    Ok(true)
+    Ok(won)
 }
 
 /// `from` → `failed` with `message`, if the notebook is still there in that session.
@@ -259,30 +218,11 @@ async fn mark_failed(
     from: Status,
     message: &str,
 ) -> Result<bool, StoreError> {
-    let from_sql = if from.is_up() {
-        UP_STATES.to_owned()
-    } else {
-        format!("('{}')", from.as_str())
-    };
-    let mut tx = state.db.pool.begin().await?;
-    bump_routes(&mut tx).await?;
-    let res = sqlx::query(&format!(
-        "UPDATE notebooks SET status = 'failed', status_message = $1, upstream = NULL,
-            upstream_token = NULL, running_since = NULL, detached_since = NULL
-         WHERE id = $2 AND session_id = $3 AND status IN {from_sql}"
-    ))
-    .bind(truncate(message, 2000))
-    .bind(id.to_string())
-    .bind(session.to_string())
-    .execute(&mut *tx)
-    .await?;
-    if res.rows_affected() == 0 {
-        tx.rollback().await?;
-        return Ok(false);
+    let won = store::mark_failed(&state.db, id, session, from, &truncate(message, 2000)).await?;
+    if won {
+        state.routes_changed.notify_waiters();
     }
-    tx.commit().await?;
-    state.routes_changed.notify_waiters();
-    Ok(true)
+    Ok(won)
 }
 
 fn truncate(s: &str, max: usize) -> String {
@@ -297,26 +237,9 @@ pub async fn stop(
     by: Option<Id>,
     message: Option<String>,
 ) -> Result<Notebook, ApiError> {
-    let mut tx = state.db.pool.begin().await?;
-    bump_routes(&mut tx).await?;
-    let (who_sql, who) = match by {
-        Some(m) => (", updated_at = $3, updated_by = $4", Some(m.to_string())),
-        None => ("", None),
-    };
-    let sql = format!(
-        "UPDATE notebooks SET status = 'stopping', status_message = $1, transition_at = $3{who_sql}
-         WHERE id = $2 AND status IN ('starting', 'running', 'idle', 'detached')
-         RETURNING {NOTEBOOK_RETURNING}"
-    );
-    let mut q = sqlx::query(&sql)
-        .bind(message)
-        .bind(nb.id.to_string())
-        .bind(now_ms());
-    if let Some(who) = who {
-        q = q.bind(who);
-    }
-    let Some(row) = q.fetch_optional(&mut *tx).await? else {
-        tx.rollback().await?;
+    let stopping =
+        store::begin_stop(&state.db, nb.id, by, message, state.detached_timeout()).await?;
+    let Some(stopping) = stopping else {
         let status = current_status(state, nb.id)
             .await?
             .ok_or_else(ApiError::notebook_not_found)?;
@@ -326,8 +249,6 @@ pub async fn stop(
             "starting, running, idle or detached",
         ));
     };
-    let stopping = Notebook::from_row(&row, state.detached_timeout())?;
-    tx.commit().await?;
     state.routes_changed.notify_waiters();
     spawn_stop(state, nb.id);
     Ok(stopping)
@@ -351,14 +272,7 @@ async fn drive_stop(state: &AppState, id: Id) {
         }
         match state.runtime.stop(id).await {
             Ok(()) => {
-                let res = sqlx::query(
-                    "UPDATE notebooks SET status = 'stopped', upstream = NULL, upstream_token = NULL,
-                        running_since = NULL, detached_since = NULL
-                     WHERE id = $1 AND status = 'stopping'",
-                )
-                .bind(id.to_string())
-                .execute(&state.db.pool)
-                .await;
+                let res = store::mark_stopped(&state.db, id).await;
                 if let Err(e) = res {
                     tracing::error!(notebook = %id, error = %e, "recording a stopped notebook");
                 }
@@ -370,13 +284,8 @@ async fn drive_stop(state: &AppState, id: Id) {
         tracing::warn!(notebook = %id, attempt, error = %last_error, "stop attempt failed");
     }
     state.metrics.event("stop_failed");
-    let res = sqlx::query(
-        "UPDATE notebooks SET status = 'failed', status_message = $1 WHERE id = $2 AND status = 'stopping'",
-    )
-    .bind(truncate(&format!("stop failed: {last_error}"), 2000))
-    .bind(id.to_string())
-    .execute(&state.db.pool)
-    .await;
+    let message = truncate(&format!("stop failed: {last_error}"), 2000);
+    let res = store::mark_stop_failed(&state.db, id, &message).await;
     if let Err(e) = res {
         tracing::error!(notebook = %id, error = %e, "recording a failed stop");
     }
@@ -386,16 +295,7 @@ async fn drive_stop(state: &AppState, id: Id) {
 /// the runtime's leftovers, if its stop failed, are swept by the periodic reconcile.
 pub async fn delete(state: &AppState, nb: &Notebook) -> Result<(), ApiError> {
     if nb.status != Status::Stopped {
-        let mut tx = state.db.pool.begin().await?;
-        bump_routes(&mut tx).await?;
-        sqlx::query(
-            "UPDATE notebooks SET status = 'stopping'
-             WHERE id = $1 AND status IN ('starting', 'running', 'idle', 'detached')",
-        )
-        .bind(nb.id.to_string())
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
+        store::begin_delete(&state.db, nb.id).await?;
         state.routes_changed.notify_waiters();
         state.driver.abort_start(nb.id);
         let ops = state.driver.ops(nb.id);
@@ -409,21 +309,7 @@ pub async fn delete(state: &AppState, nb: &Notebook) -> Result<(), ApiError> {
             Err(_) => tracing::warn!(notebook = %nb.id, "stopping a deleted notebook timed out"),
         }
     }
-    let mut tx = state.db.pool.begin().await?;
-    bump_routes(&mut tx).await?;
-    sqlx::query("DELETE FROM edge_connections WHERE notebook_id = $1")
-        .bind(nb.id.to_string())
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query("DELETE FROM notebook_teams WHERE notebook_id = $1")
-        .bind(nb.id.to_string())
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query("DELETE FROM notebooks WHERE id = $1")
-        .bind(nb.id.to_string())
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
+    store::delete(&state.db, nb.id).await?;
     state.routes_changed.notify_waiters();
     state.driver.forget(nb.id);
     Ok(())
@@ -432,17 +318,7 @@ pub async fn delete(state: &AppState, nb: &Notebook) -> Result<(), ApiError> {
 /// A ping: activity and presence; idle/detached go straight back to running. False when the
 /// notebook is not up any more.
 pub async fn record_ping(state: &AppState, id: Id) -> Result<bool, ApiError> {
-    let now = now_ms();
-    let res = sqlx::query(&format!(
-        "UPDATE notebooks SET last_active_at = $1, last_ping_at = $1, status = 'running',
-            detached_since = NULL
-         WHERE id = $2 AND status IN {UP_STATES}"
-    ))
-    .bind(now)
-    .bind(id.to_string())
-    .execute(&state.db.pool)
-    .await?;
-    Ok(res.rows_affected() == 1)
+    Ok(store::record_ping(&state.db, id).await?)
 }
 
 /// Records an edge's activity batch: its open connections replace its previous report, and
@@ -451,53 +327,7 @@ pub async fn record_activity(
     state: &AppState,
     batch: &marina_config::wire::ActivityBatch,
 ) -> Result<(), ApiError> {
-    let now = now_ms();
-    let mut tx = state.db.pool.begin().await?;
-    sqlx::query(
-        "INSERT INTO edges (edge_id, last_seen_at) VALUES ($1, $2)
-         ON CONFLICT (edge_id) DO UPDATE SET last_seen_at = $2",
-    )
-    .bind(batch.edge_id.as_str())
-    .bind(now)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query("DELETE FROM edge_connections WHERE edge_id = $1")
-        .bind(batch.edge_id.as_str())
-        .execute(&mut *tx)
-        .await?;
-    for nb in &batch.notebooks {
-        if nb.open_websockets > 0 {
-            sqlx::query(
-                "INSERT INTO edge_connections (edge_id, notebook_id, open_websockets) VALUES ($1, $2, $3)
-                 ON CONFLICT (edge_id, notebook_id) DO UPDATE SET open_websockets = $3",
-            )
-            .bind(batch.edge_id.as_str())
-            .bind(nb.notebook_id.to_string())
-            .bind(nb.open_websockets as i64)
-            .execute(&mut *tx)
-            .await?;
-        }
-        if let Some(ms) = nb.last_active_ms {
-            // An edge's clock ahead of ours must not push activity into the future.
-            let ms = ms.min(now);
-            let wake = if nb.open_websockets > 0 {
-                ", status = 'running', detached_since = NULL"
-            } else {
-                ""
-            };
-            sqlx::query(&format!(
-                "UPDATE notebooks SET last_active_at = $1{wake}
-                 WHERE id = $2 AND session_id = $3 AND status IN {UP_STATES}
-                   AND (last_active_at IS NULL OR last_active_at < $1)"
-            ))
-            .bind(ms)
-            .bind(nb.notebook_id.to_string())
-            .bind(nb.session_id.to_string())
-            .execute(&mut *tx)
-            .await?;
-        }
-    }
-    tx.commit().await?;
+    crate::store::edges::record_activity(&state.db, batch).await?;
     state
         .metrics
         .activity_batches
@@ -567,34 +397,21 @@ pub async fn monitor_tick(state: &AppState) -> Result<(), ApiError> {
     // its intervals.
     let edge_expiry = (settings.proxy.activity_interval_ms as i64 * 5)
         .max(settings.control.monitor_interval_ms as i64 * 3);
-    let rows = sqlx::query(&format!(
-        "SELECT n.id, n.status, n.session_id, n.idle_timeout_seconds, n.last_active_at,
-            n.last_ping_at, n.running_since, n.detached_since,
-            (SELECT CAST(COALESCE(SUM(c.open_websockets), 0) AS BIGINT)
-               FROM edge_connections c JOIN edges e ON e.edge_id = c.edge_id
-              WHERE c.notebook_id = n.id AND e.last_seen_at >= $1) AS websockets
-         FROM notebooks n WHERE n.status IN {UP_STATES}"
-    ))
-    .bind(now - edge_expiry)
-    .fetch_all(&state.db.pool)
-    .await?;
+    let rows = store::up_for_monitor(&state.db, now - edge_expiry).await?;
     let idle_after = settings.control.idle_after_seconds as i64 * 1000;
     let detached_timeout = settings.control.detached_timeout_seconds as i64 * 1000;
     for row in rows {
-        let id = get_id(&row, "id")?;
-        let status: String = row.try_get("status")?;
-        let Some(status) = Status::parse(&status) else {
-            continue;
-        };
-        let Some(session) = get_opt_id(&row, "session_id")? else {
-            continue;
-        };
-        let idle_timeout: i64 = row.try_get::<i64, _>("idle_timeout_seconds")? * 1000;
-        let last_active: Option<i64> = row.try_get("last_active_at")?;
-        let last_ping: Option<i64> = row.try_get("last_ping_at")?;
-        let running_since: Option<i64> = row.try_get("running_since")?;
-        let detached_since: Option<i64> = row.try_get("detached_since")?;
-        let websockets: i64 = row.try_get("websockets")?;
+        let store::UpNotebook {
+            id,
+            status,
+            session,
+            idle_timeout_ms: idle_timeout,
+            last_active_at: last_active,
+            last_ping_at: last_ping,
+            running_since,
+            detached_since,
+            websockets,
+        } = row;
 
         // No activity yet: the idle clock starts when the notebook came up.
         let active_ref = last_active.max(running_since).unwrap_or(now);
@@ -641,17 +458,7 @@ pub async fn monitor_tick(state: &AppState) -> Result<(), ApiError> {
         }
         if desired != status {
             let since = (desired == Status::Detached).then_some(now);
-            sqlx::query(
-                "UPDATE notebooks SET status = $1, detached_since = $4
-                 WHERE id = $2 AND session_id = $3 AND status = $5",
-            )
-            .bind(desired.as_str())
-            .bind(id.to_string())
-            .bind(session.to_string())
-            .bind(since)
-            .bind(status.as_str())
-            .execute(&state.db.pool)
-            .await?;
+            store::set_presence(&state.db, id, session, status, desired, since).await?;
         }
     }
     refresh_gauges(state).await?;
@@ -659,9 +466,9 @@ pub async fn monitor_tick(state: &AppState) -> Result<(), ApiError> {
 }
 
 async fn stop_by_monitor(state: &AppState, id: Id, event: &str, message: String) {
-    let nb = match crate::api::notebooks::fetch_by_id(state, id).await {
-        Ok(nb) => nb,
-        Err(_) => return,
+    let nb = match store::fetch(&state.db, id, state.detached_timeout()).await {
+        Ok(Some(nb)) => nb,
+        Ok(None) | Err(_) => return,
     };
     match stop(state, &nb, None, Some(message)).await {
         Ok(_) => {
@@ -675,13 +482,7 @@ async fn stop_by_monitor(state: &AppState, id: Id, event: &str, message: String)
 }
 
 async fn refresh_gauges(state: &AppState) -> Result<(), ApiError> {
-    let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM notebooks GROUP BY status")
-        .fetch_all(&state.db.pool)
-        .await?;
-    let mut counts: HashMap<String, i64> = HashMap::new();
-    for row in rows {
-        counts.insert(row.try_get("status")?, row.try_get("n")?);
-    }
+    let counts = store::count_by_status(&state.db).await?;
     for s in Status::ALL {
         state
             .metrics
@@ -701,21 +502,15 @@ async fn refresh_gauges(state: &AppState) -> Result<(), ApiError> {
 /// a stop after two minutes. Transitions this process is still driving are left alone.
 pub async fn redrive_stuck(state: &AppState) -> Result<(), ApiError> {
     let now = now_ms();
-    let rows = sqlx::query(
-        "SELECT n.id, n.status, n.session_id, n.workload_config_id, n.transition_at
-         FROM notebooks n WHERE n.status IN ('starting', 'stopping')",
-    )
-    .fetch_all(&state.db.pool)
-    .await?;
+    let rows = store::in_transition(&state.db).await?;
     let attempt_ms = state.settings.control.start_timeout_seconds.max(1) as i64 * 1000;
     for row in rows {
-        let id = get_id(&row, "id")?;
-        let status: String = row.try_get("status")?;
-        let since: i64 = row.try_get::<Option<i64>, _>("transition_at")?.unwrap_or(0);
+        let id = row.id;
+        let since = row.since;
         if state.driver.busy(id) {
             continue;
         }
-        if status == "stopping" {
+        if row.status == Status::Stopping {
             if now - since > 120_000 {
                 tracing::warn!(notebook = %id, "re-driving a stop whose driver is gone");
                 state.metrics.event("redriven");
@@ -723,10 +518,10 @@ pub async fn redrive_stuck(state: &AppState) -> Result<(), ApiError> {
             }
             continue;
         }
-        let Some(session) = get_opt_id(&row, "session_id")? else {
+        let Some(session) = row.session else {
             continue;
         };
-        let sail = sail_config(state, get_id(&row, "workload_config_id")?).await?;
+        let sail = sail_config(state, row.workload_config_id).await?;
         let overdue = attempt_ms * (sail.max_retries.max(1) as i64 + 1) + 30_000;
         if now - since > overdue {
             tracing::warn!(notebook = %id, "re-driving a start whose driver is gone");
@@ -739,16 +534,7 @@ pub async fn redrive_stuck(state: &AppState) -> Result<(), ApiError> {
 
 /// Asks the runtime about every up notebook; dead ones become `failed` with the reason.
 pub async fn health_tick(state: &AppState) -> Result<(), ApiError> {
-    let rows = sqlx::query(&format!(
-        "SELECT id, session_id FROM notebooks WHERE status IN {UP_STATES}"
-    ))
-    .fetch_all(&state.db.pool)
-    .await?;
-    for row in rows {
-        let id = get_id(&row, "id")?;
-        let Some(session) = get_opt_id(&row, "session_id")? else {
-            continue;
-        };
+    for (id, session) in store::up_sessions(&state.db).await? {
         let reason = match state.runtime.health(id).await {
             Ok(Health::Healthy) | Ok(Health::Pending) => continue,
             Ok(Health::Failed(why)) => why,
@@ -775,56 +561,15 @@ pub async fn health_tick(state: &AppState) -> Result<(), ApiError> {
 
 /// Forgets expired one-time tokens and edges gone for an hour; sweeps runtime orphans.
 async fn housekeeping(state: &AppState) -> Result<(), ApiError> {
-    let now = now_ms();
-    sqlx::query("DELETE FROM redeemed_tokens WHERE exp < $1")
-        .bind(now / 1000 - 300)
-        .execute(&state.db.pool)
-        .await?;
-    let mut tx = state.db.pool.begin().await?;
-    sqlx::query(
-        "DELETE FROM edge_connections WHERE edge_id IN (SELECT edge_id FROM edges WHERE last_seen_at < $1)",
-    )
-    .bind(now - 3_600_000)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query("DELETE FROM edges WHERE last_seen_at < $1")
-        .bind(now - 3_600_000)
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
+    crate::store::edges::forget_expired(&state.db).await?;
     // Anything the runtime runs that the store does not expect (a deleted notebook whose stop
     // failed, a crash mid-start) is torn down. Starting notebooks are expected (no endpoint
     // yet) so an attempt in flight is left alone.
-    let expected = expected(state, "('running', 'idle', 'detached', 'starting')").await?;
+    let expected = store::expected(&state.db, true).await?;
     if let Err(e) = state.runtime.reconcile(&expected).await {
         tracing::warn!(error = %e, "periodic reconcile");
     }
     Ok(())
-}
-
-async fn expected(state: &AppState, states: &str) -> Result<Vec<Expected>, ApiError> {
-    let rows = sqlx::query(&format!(
-        "SELECT id, session_id, upstream, upstream_token FROM notebooks WHERE status IN {states}"
-    ))
-    .fetch_all(&state.db.pool)
-    .await?;
-    let mut out = Vec::with_capacity(rows.len());
-    for row in rows {
-        let Some(session_id) = get_opt_id(&row, "session_id")? else {
-            continue;
-        };
-        let upstream: Option<String> = row.try_get("upstream")?;
-        let token: Option<String> = row.try_get("upstream_token")?;
-        out.push(Expected {
-            notebook_id: get_id(&row, "id")?,
-            session_id,
-            endpoint: match (upstream, token) {
-                (Some(upstream), Some(token)) => Some(Endpoint { upstream, token }),
-                _ => None,
-            },
-        });
-    }
-    Ok(out)
 }
 
 /// After a (re)start of the control plane: adopt what still runs, settle the rest.
@@ -832,7 +577,7 @@ async fn expected(state: &AppState, states: &str) -> Result<Vec<Expected>, ApiEr
 /// - `starting` ones are driven again (a new attempt in the same session);
 /// - `stopping` ones are stopped again (idempotent) and become `stopped`.
 pub async fn reconcile_at_start(state: &AppState) -> Result<(), ApiError> {
-    let up = expected(state, UP_STATES).await?;
+    let up = store::expected(&state.db, false).await?;
     let adopted = state
         .runtime
         .reconcile(&up)
@@ -842,38 +587,20 @@ pub async fn reconcile_at_start(state: &AppState) -> Result<(), ApiError> {
         if adopted.contains(&e.notebook_id) {
             continue;
         }
-        let mut tx = state.db.pool.begin().await?;
-        bump_routes(&mut tx).await?;
-        sqlx::query(&format!(
-            "UPDATE notebooks SET status = 'stopped', upstream = NULL, upstream_token = NULL,
-                running_since = NULL, detached_since = NULL,
-                status_message = 'its servers were gone after a control-plane restart'
-             WHERE id = $1 AND session_id = $2 AND status IN {UP_STATES}"
-        ))
-        .bind(e.notebook_id.to_string())
-        .bind(e.session_id.to_string())
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
+        store::mark_gone_after_restart(&state.db, e.notebook_id, e.session_id).await?;
         tracing::info!(notebook = %e.notebook_id, "not running after restart: stopped");
     }
-    let rows = sqlx::query(
-        "SELECT id, status, session_id, workload_config_id FROM notebooks WHERE status IN ('starting', 'stopping')",
-    )
-    .fetch_all(&state.db.pool)
-    .await?;
-    for row in rows {
-        let id = get_id(&row, "id")?;
-        let status: String = row.try_get("status")?;
-        if status == "stopping" {
+    for row in store::in_transition(&state.db).await? {
+        let id = row.id;
+        if row.status == Status::Stopping {
             tracing::info!(notebook = %id, "resuming an interrupted stop");
             spawn_stop(state, id);
             continue;
         }
-        let Some(session) = get_opt_id(&row, "session_id")? else {
+        let Some(session) = row.session else {
             continue;
         };
-        let sail = sail_config(state, get_id(&row, "workload_config_id")?).await?;
+        let sail = sail_config(state, row.workload_config_id).await?;
         tracing::info!(notebook = %id, "resuming an interrupted start");
         spawn_start(state, id, session, sail);
     }

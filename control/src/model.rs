@@ -12,8 +12,8 @@ use sqlx::any::AnyRow;
 use sqlx::Row;
 use utoipa::ToSchema;
 
-use crate::db::{get_id, get_opt_id, rfc3339};
 use crate::error::StoreError;
+use crate::store::{get_id, get_opt_id, rfc3339};
 
 /// Lifecycle states of a notebook.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -69,9 +69,6 @@ impl Status {
         matches!(self, Status::Running | Status::Idle | Status::Detached)
     }
 }
-
-/// SQL list of the states in which a notebook is up (routed).
-pub const UP_STATES: &str = "('running', 'idle', 'detached')";
 
 /// A member's role in their organization.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -129,12 +126,6 @@ pub struct Notebook {
     #[serde(skip)]
     pub created_at_ms: i64,
 }
-
-/// Columns [`Notebook::from_row`] reads, prefixed with `n.`.
-pub const NOTEBOOK_COLUMNS: &str = "n.id, n.org_id, n.member_id, n.workload_config_id, n.name, n.description, n.status, n.status_message, n.idle_timeout_seconds, n.last_active_at, n.session_id, n.created_at, n.created_by, n.updated_at, n.updated_by";
-
-/// The same columns, unqualified (for `RETURNING`).
-pub const NOTEBOOK_RETURNING: &str = "id, org_id, member_id, workload_config_id, name, description, status, status_message, idle_timeout_seconds, last_active_at, session_id, created_at, created_by, updated_at, updated_by";
 
 impl Notebook {
     pub fn from_row(row: &AnyRow, detached_timeout_seconds: i64) -> Result<Notebook, StoreError> {

@@ -15,8 +15,8 @@ use prometheus::{
 use tokio::sync::Notify;
 
 use crate::auth::RateLimiter;
-use crate::db::Db;
 use crate::lifecycle::Driver;
+use crate::store::Db;
 use crate::tokens::Signer;
 
 /// Cheap to clone: one `Arc`.

@@ -6,73 +6,18 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json as AxumJson;
 use marina_config::Id;
-use sqlx::any::AnyRow;
-use sqlx::Row;
 
-use crate::api::notebooks::{bind_all, Arg};
 use crate::auth::Principal;
-use crate::db::now_ms;
 use crate::error::ApiError;
-use crate::extract::{path_id, Cursor, Json, ListParams};
+use crate::extract::{path_id, Json, ListParams};
 use crate::model::*;
 use crate::state::AppState;
-
-/// One keyset page of `table` rows matching `cond` (columns unqualified), newest first.
-/// Returns the total, the page's rows and whether more follow.
-pub async fn page_rows(
-    state: &AppState,
-    table: &str,
-    cond: &str,
-    mut args: Vec<Arg>,
-    params: &ListParams,
-) -> Result<(i64, Vec<AnyRow>, bool), ApiError> {
-    let total: i64 = bind_all(
-        sqlx::query(&format!("SELECT COUNT(*) AS n FROM {table} WHERE {cond}")),
-        &args,
-    )
-    .fetch_one(&state.db.pool)
-    .await?
-    .try_get("n")?;
-    if params.limit == 0 {
-        return Ok((total, Vec::new(), false));
-    }
-    let mut page_cond = cond.to_owned();
-    if let Some(c) = &params.after {
-        args.push(Arg::I(c.created_at));
-        let t = args.len();
-        args.push(Arg::S(c.id.to_string()));
-        let i = args.len();
-        page_cond =
-            format!("{page_cond} AND (created_at < ${t} OR (created_at = ${t} AND id > ${i}))");
-    }
-    let sql = format!(
-        "SELECT * FROM {table} WHERE {page_cond} ORDER BY created_at DESC, id ASC LIMIT {}",
-        params.limit + 1
-    );
-    let mut rows = bind_all(sqlx::query(&sql), &args)
-        .fetch_all(&state.db.pool)
-        .await?;
-    let more = rows.len() as i64 > params.limit;
-    rows.truncate(params.limit as usize);
-    Ok((total, rows, more))
-}
-
-/// The `nextPageToken` after `last` when more follow.
-pub fn next_token(more: bool, last: Option<(i64, Id)>) -> Option<String> {
-    if !more {
-        return None;
-    }
-    last.map(|(created_at, id)| Cursor { created_at, id }.encode())
-}
+use crate::store::configs::{self as store, ConfigFields};
 
 async fn fetch_config(state: &AppState, p: &Principal, id: Id) -> Result<WorkloadConfig, ApiError> {
-    let row = sqlx::query("SELECT * FROM workload_configs WHERE id = $1 AND org_id = $2")
-        .bind(id.to_string())
-        .bind(p.org_id.to_string())
-        .fetch_optional(&state.db.pool)
+    store::fetch(&state.db, p.org_id, id)
         .await?
-        .ok_or_else(ApiError::config_not_found)?;
-    Ok(WorkloadConfig::from_row(&row)?)
+        .ok_or_else(ApiError::config_not_found)
 }
 
 fn check_sail(config: &WorkloadConfigBody) -> Result<(), ApiError> {
@@ -122,24 +67,9 @@ pub async fn configs_list(
     p: Principal,
     params: ListParams,
 ) -> Result<AxumJson<Page<WorkloadConfig>>, ApiError> {
-    let (total, rows, more) = page_rows(
-        &state,
-        "workload_configs",
-        "org_id = $1",
-        vec![Arg::S(p.org_id.to_string())],
-        &params,
-    )
-    .await?;
-    let items = rows
-        .iter()
-        .map(WorkloadConfig::from_row)
-        .collect::<Result<Vec<_>, _>>()?;
-    let next_page_token = next_token(more, items.last().map(|c| (c.created_at_ms, c.id)));
-    Ok(AxumJson(Page {
-        total,
-        items,
-        next_page_token,
-    }))
+    Ok(AxumJson(
+        store::page(&state.db, p.org_id, (&params).into()).await?,
+    ))
 }
 
 /// Create a workload config (admins).
@@ -157,23 +87,18 @@ pub async fn configs_create(
     let workload_type = body.workload_type.unwrap_or_else(|| "notebook".into());
     check_workload_type(&workload_type)?;
     check_sail(&body.config)?;
-    let id = Id::random();
-    let now = now_ms();
-    sqlx::query(
-        "INSERT INTO workload_configs (id, org_id, name, workload_type, cluster_id, config, endpoint_limits,
-            created_at, created_by, updated_at, updated_by)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $8, $9)",
+    let id = store::insert(
+        &state.db,
+        p.org_id,
+        ConfigFields {
+            name,
+            workload_type,
+            cluster_id: body.cluster_id,
+            config_json: to_json(&body.config)?,
+            endpoint_limits_json: to_json(&body.endpoint_limits.unwrap_or_default())?,
+        },
+        p.member_id,
     )
-    .bind(id.to_string())
-    .bind(p.org_id.to_string())
-    .bind(name)
-    .bind(workload_type)
-    .bind(body.cluster_id.map(|c| c.to_string()))
-    .bind(to_json(&body.config)?)
-    .bind(to_json(&body.endpoint_limits.unwrap_or_default())?)
-    .bind(now)
-    .bind(p.member_id.to_string())
-    .execute(&state.db.pool)
     .await?;
     Ok((
         StatusCode::CREATED,
@@ -221,21 +146,19 @@ pub async fn configs_update(
     let config = body.config.unwrap_or(current.config);
     check_sail(&config)?;
     let limits = body.endpoint_limits.unwrap_or(current.endpoint_limits);
-    sqlx::query(
-        "UPDATE workload_configs SET name = $1, workload_type = $2, cluster_id = $3, config = $4,
-            endpoint_limits = $5, updated_at = $6, updated_by = $7
-         WHERE id = $8 AND org_id = $9",
+    store::update(
+        &state.db,
+        p.org_id,
+        id,
+        ConfigFields {
+            name,
+            workload_type,
+            cluster_id,
+            config_json: to_json(&config)?,
+            endpoint_limits_json: to_json(&limits)?,
+        },
+        p.member_id,
     )
-    .bind(name)
-    .bind(workload_type)
-    .bind(cluster_id.map(|c| c.to_string()))
-    .bind(to_json(&config)?)
-    .bind(to_json(&limits)?)
-    .bind(now_ms())
-    .bind(p.member_id.to_string())
-    .bind(id.to_string())
-    .bind(p.org_id.to_string())
-    .execute(&state.db.pool)
     .await?;
     Ok(AxumJson(fetch_config(&state, &p, id).await?))
 }
@@ -253,17 +176,8 @@ pub async fn configs_delete(
     let id = path_id("config", &config)?;
     fetch_config(&state, &p, id).await?;
     p.require_admin()?;
-    // One statement: a notebook created concurrently either lands before (and blocks the
-    // delete) or fails its foreign key after.
-    let res = sqlx::query(
-        "DELETE FROM workload_configs WHERE id = $1 AND org_id = $2
-           AND NOT EXISTS (SELECT 1 FROM notebooks WHERE workload_config_id = $1)",
-    )
-    .bind(id.to_string())
-    .bind(p.org_id.to_string())
-    .execute(&state.db.pool)
-    .await?;
-    if res.rows_affected() == 0 {
+    // One statement, so a notebook created concurrently cannot slip in (see the store).
+    if !store::delete_unused(&state.db, p.org_id, id).await? {
         return Err(ApiError::conflict(
             "workload_config_in_use",
             "notebooks use this workload config; delete them or move them to another config first",

@@ -10,16 +10,14 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json as AxumJson;
 use marina_config::Id;
-use sqlx::Row;
 
-use crate::api::configs::{next_token, page_rows};
-use crate::api::notebooks::{teams_with_counts, Arg};
-use crate::auth::{hash_secret, new_secret, secret_prefix, Principal};
-use crate::db::{bump_routes, get_id, now_ms, rfc3339, Db};
-use crate::error::{ApiError, StoreError};
+use crate::auth::Principal;
+use crate::error::ApiError;
 use crate::extract::{path_id, Json, ListParams};
 use crate::model::*;
 use crate::state::AppState;
+use crate::store::members::{MemberFields, Outcome};
+use crate::store::{keys, members, teams};
 
 fn check_label(field: &str, v: &str) -> Result<String, ApiError> {
     let v = v.trim();
@@ -50,23 +48,15 @@ fn check_email(email: Option<String>) -> Result<Option<String>, ApiError> {
 }
 
 async fn fetch_member(state: &AppState, p: &Principal, id: Id) -> Result<Member, ApiError> {
-    let row = sqlx::query("SELECT * FROM members WHERE id = $1 AND org_id = $2")
-        .bind(id.to_string())
-        .bind(p.org_id.to_string())
-        .fetch_optional(&state.db.pool)
+    members::fetch(&state.db, p.org_id, id)
         .await?
-        .ok_or_else(ApiError::member_not_found)?;
-    Ok(Member::from_row(&row)?)
+        .ok_or_else(ApiError::member_not_found)
 }
 
 async fn fetch_team(state: &AppState, p: &Principal, id: Id) -> Result<Team, ApiError> {
-    let row = sqlx::query("SELECT * FROM teams WHERE id = $1 AND org_id = $2")
-        .bind(id.to_string())
-        .bind(p.org_id.to_string())
-        .fetch_optional(&state.db.pool)
+    teams::fetch(&state.db, p.org_id, id)
         .await?
-        .ok_or_else(ApiError::team_not_found)?;
-    Ok(Team::from_row(&row)?)
+        .ok_or_else(ApiError::team_not_found)
 }
 
 /// Self or an admin.
@@ -100,24 +90,9 @@ pub async fn members_list(
     params: ListParams,
 ) -> Result<AxumJson<Page<Member>>, ApiError> {
     p.require_admin()?;
-    let (total, rows, more) = page_rows(
-        &state,
-        "members",
-        "org_id = $1",
-        vec![Arg::S(p.org_id.to_string())],
-        &params,
-    )
-    .await?;
-    let items = rows
-        .iter()
-        .map(Member::from_row)
-        .collect::<Result<Vec<_>, _>>()?;
-    let next_page_token = next_token(more, items.last().map(|m| (m.created_at_ms, m.id)));
-    Ok(AxumJson(Page {
-        total,
-        items,
-        next_page_token,
-    }))
+    Ok(AxumJson(
+        members::page(&state.db, p.org_id, (&params).into()).await?,
+    ))
 }
 
 /// Add a member (admins).
@@ -133,25 +108,14 @@ pub async fn members_create(
     let name = check_label("name", &body.name)?;
     let email = check_email(body.email)?;
     let role = body.role.unwrap_or(Role::Member);
-    let id = Id::random();
-    let now = now_ms();
-    let mut tx = state.db.pool.begin().await?;
     // A new admin is a new viewer of every running notebook of the organization.
-    bump_routes(&mut tx).await?;
-    sqlx::query(
-        "INSERT INTO members (id, org_id, name, email, role, created_at, created_by, updated_at, updated_by)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $6, $7)",
+    let id = members::insert(
+        &state.db,
+        p.org_id,
+        MemberFields { name, email, role },
+        p.member_id,
     )
-    .bind(id.to_string())
-    .bind(p.org_id.to_string())
-    .bind(name)
-    .bind(email)
-    .bind(role.as_str())
-    .bind(now)
-    .bind(p.member_id.to_string())
-    .execute(&mut *tx)
     .await?;
-    tx.commit().await?;
     state.routes_changed.notify_waiters();
     Ok((
         StatusCode::CREATED,
@@ -173,14 +137,6 @@ pub async fn members_get(
     let m = fetch_member(&state, &p, id).await?;
     self_or_admin(&p, id)?;
     Ok(AxumJson(m))
-}
-
-/// Count of admins of an organization, inside a transaction.
-async fn admin_count(conn: &mut sqlx::AnyConnection, org: Id) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("SELECT COUNT(*) FROM members WHERE org_id = $1 AND role = 'admin'")
-        .bind(org.to_string())
-        .fetch_one(conn)
-        .await
 }
 
 fn last_admin() -> ApiError {
@@ -210,30 +166,10 @@ pub async fn members_update(
         None => current.email,
     };
     let role = body.role.unwrap_or(current.role);
-    let mut tx = state.db.pool.begin().await?;
-    bump_routes(&mut tx).await?;
-    sqlx::query(
-        "UPDATE members SET name = $1, email = $2, role = $3, updated_at = $4, updated_by = $5
-         WHERE id = $6 AND org_id = $7",
-    )
-    .bind(name)
-    .bind(email)
-    .bind(role.as_str())
-    .bind(now_ms())
-    .bind(p.member_id.to_string())
-    .bind(id.to_string())
-    .bind(p.org_id.to_string())
-    .execute(&mut *tx)
-    .await?;
-    // Checked after the write, in the same transaction. The routes-version bump that opened
-    // the transaction holds that row's lock until commit, so role changes and member
-    // deletions run one after the other (also under PostgreSQL's read committed), and two
-    // admins demoting each other at once cannot both pass the check.
-    if admin_count(&mut tx, p.org_id).await? == 0 {
-        tx.rollback().await?;
+    let fields = MemberFields { name, email, role };
+    if members::update(&state.db, p.org_id, id, fields, p.member_id).await? == Outcome::LastAdmin {
         return Err(last_admin());
     }
-    tx.commit().await?;
     state.routes_changed.notify_waiters();
     Ok(AxumJson(fetch_member(&state, &p, id).await?))
 }
@@ -252,29 +188,16 @@ pub async fn members_delete(
     let id = path_id("member", &member)?;
     fetch_member(&state, &p, id).await?;
     p.require_admin()?;
-    let mut tx = state.db.pool.begin().await?;
-    bump_routes(&mut tx).await?;
-    let owned: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM notebooks WHERE member_id = $1")
-        .bind(id.to_string())
-        .fetch_one(&mut *tx)
-        .await?;
-    if owned > 0 {
-        tx.rollback().await?;
-        return Err(ApiError::conflict(
-            "member_owns_notebooks",
-            format!("the member owns {owned} notebook(s); delete them first"),
-        ));
+    match members::delete(&state.db, p.org_id, id).await? {
+        Outcome::Done => {}
+        Outcome::LastAdmin => return Err(last_admin()),
+        Outcome::OwnsNotebooks(owned) => {
+            return Err(ApiError::conflict(
+                "member_owns_notebooks",
+                format!("the member owns {owned} notebook(s); delete them first"),
+            ))
+        }
     }
-    sqlx::query("DELETE FROM members WHERE id = $1 AND org_id = $2")
-        .bind(id.to_string())
-        .bind(p.org_id.to_string())
-        .execute(&mut *tx)
-        .await?;
-    if admin_count(&mut tx, p.org_id).await? == 0 {
-        tx.rollback().await?;
-        return Err(last_admin());
-    }
-    tx.commit().await?;
     state.routes_changed.notify_waiters();
     Ok(StatusCode::NO_CONTENT)
 }
@@ -290,30 +213,9 @@ pub async fn teams_list(
     params: ListParams,
 ) -> Result<AxumJson<Page<TeamWithCount>>, ApiError> {
     p.require_admin()?;
-    let (total, rows, more) = page_rows(
-        &state,
-        "teams",
-        "org_id = $1",
-        vec![Arg::S(p.org_id.to_string())],
-        &params,
-    )
-    .await?;
-    let ids = rows
-        .iter()
-        .map(|r| get_id(r, "id"))
-        .collect::<Result<Vec<_>, _>>()?;
-    let mut items = teams_with_counts(&state, &ids).await?;
-    // teams_with_counts orders like the page (created_at desc, id), but be explicit.
-    items.sort_by_key(|t| ids.iter().position(|i| *i == t.team.id));
-    let next_page_token = next_token(
-        more,
-        items.last().map(|t| (t.team.created_at_ms, t.team.id)),
-    );
-    Ok(AxumJson(Page {
-        total,
-        items,
-        next_page_token,
-    }))
+    Ok(AxumJson(
+        teams::page(&state.db, p.org_id, (&params).into()).await?,
+    ))
 }
 
 /// Create a team (admins).
@@ -327,19 +229,7 @@ pub async fn teams_create(
 ) -> Result<impl IntoResponse, ApiError> {
     p.require_admin()?;
     let name = check_label("name", &body.name)?;
-    let id = Id::random();
-    let now = now_ms();
-    sqlx::query(
-        "INSERT INTO teams (id, org_id, name, created_at, created_by, updated_at, updated_by)
-         VALUES ($1, $2, $3, $4, $5, $4, $5)",
-    )
-    .bind(id.to_string())
-    .bind(p.org_id.to_string())
-    .bind(name)
-    .bind(now)
-    .bind(p.member_id.to_string())
-    .execute(&state.db.pool)
-    .await?;
+    let id = teams::insert(&state.db, p.org_id, &name, p.member_id).await?;
     Ok((
         StatusCode::CREATED,
         AxumJson(fetch_team(&state, &p, id).await?),
@@ -363,7 +253,7 @@ pub async fn teams_get(
             "only admins and the team's members may see it",
         ));
     }
-    let mut t = teams_with_counts(&state, &[id]).await?;
+    let mut t = teams::with_counts(&state.db, &[id]).await?;
     t.pop().map(AxumJson).ok_or_else(ApiError::team_not_found)
 }
 
@@ -382,14 +272,7 @@ pub async fn teams_update(
     fetch_team(&state, &p, id).await?;
     p.require_admin()?;
     let name = check_label("name", &body.name)?;
-    sqlx::query("UPDATE teams SET name = $1, updated_at = $2, updated_by = $3 WHERE id = $4 AND org_id = $5")
-        .bind(name)
-        .bind(now_ms())
-        .bind(p.member_id.to_string())
-        .bind(id.to_string())
-        .bind(p.org_id.to_string())
-        .execute(&state.db.pool)
-        .await?;
+    teams::rename(&state.db, p.org_id, id, &name, p.member_id).await?;
     Ok(AxumJson(fetch_team(&state, &p, id).await?))
 }
 
@@ -407,39 +290,13 @@ pub async fn teams_delete(
     let id = path_id("team", &team)?;
     fetch_team(&state, &p, id).await?;
     p.require_admin()?;
-    let mut tx = state.db.pool.begin().await?;
-    bump_routes(&mut tx).await?;
-    for sql in [
-        "DELETE FROM notebook_teams WHERE team_id = $1",
-        "DELETE FROM team_members WHERE team_id = $1",
-        "DELETE FROM teams WHERE id = $1",
-    ] {
-        sqlx::query(sql)
-            .bind(id.to_string())
-            .execute(&mut *tx)
-            .await?;
-    }
-    tx.commit().await?;
+    teams::delete(&state.db, id).await?;
     state.routes_changed.notify_waiters();
     Ok(StatusCode::NO_CONTENT)
 }
 
 async fn team_members(state: &AppState, team: Id) -> Result<Vec<TeamMember>, ApiError> {
-    let rows =
-        sqlx::query("SELECT * FROM team_members WHERE team_id = $1 ORDER BY created_at, member_id")
-            .bind(team.to_string())
-            .fetch_all(&state.db.pool)
-            .await?;
-    rows.iter()
-        .map(|r| {
-            Ok(TeamMember {
-                team_id: get_id(r, "team_id")?,
-                member_id: get_id(r, "member_id")?,
-                created_at: rfc3339(r.try_get("created_at")?),
-                created_by: crate::db::get_opt_id(r, "created_by")?,
-            })
-        })
-        .collect()
+    Ok(teams::members(&state.db, team).await?)
 }
 
 /// A team's members (admins and its members).
@@ -482,35 +339,14 @@ pub async fn team_members_add(
         return Err(ApiError::invalid("memberIds", "at most 1000 members"));
     }
     for (i, m) in body.member_ids.iter().enumerate() {
-        let found: Option<String> =
-            sqlx::query_scalar("SELECT id FROM members WHERE id = $1 AND org_id = $2")
-                .bind(m.to_string())
-                .bind(p.org_id.to_string())
-                .fetch_optional(&state.db.pool)
-                .await?;
-        if found.is_none() {
+        if !members::exists(&state.db, p.org_id, *m).await? {
             return Err(ApiError::invalid(
                 format!("memberIds[{i}]"),
                 "no such member",
             ));
         }
     }
-    let now = now_ms();
-    let mut tx = state.db.pool.begin().await?;
-    bump_routes(&mut tx).await?;
-    for m in &body.member_ids {
-        sqlx::query(
-            "INSERT INTO team_members (team_id, member_id, created_at, created_by) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (team_id, member_id) DO NOTHING",
-        )
-        .bind(id.to_string())
-        .bind(m.to_string())
-        .bind(now)
-        .bind(p.member_id.to_string())
-        .execute(&mut *tx)
-        .await?;
-    }
-    tx.commit().await?;
+    teams::add_members(&state.db, id, &body.member_ids, p.member_id).await?;
     state.routes_changed.notify_waiters();
     Ok(AxumJson(Items {
         items: team_members(&state, id).await?,
@@ -531,14 +367,11 @@ pub async fn team_members_remove(
     let member = path_id("member", &member)?;
     fetch_team(&state, &p, id).await?;
     p.require_admin()?;
-    super::unlink(
-        &state,
-        "DELETE FROM team_members WHERE team_id = $1 AND member_id = $2",
-        id,
-        member,
-        ApiError::member_not_found(),
-    )
-    .await
+    if !teams::remove_member(&state.db, id, member).await? {
+        return Err(ApiError::member_not_found());
+    }
+    state.routes_changed.notify_waiters();
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// A member's API keys (the member himself or an admin).
@@ -554,16 +387,8 @@ pub async fn api_keys_list(
     let id = path_id("member", &member)?;
     fetch_member(&state, &p, id).await?;
     self_or_admin(&p, id)?;
-    let rows =
-        sqlx::query("SELECT * FROM api_keys WHERE member_id = $1 ORDER BY created_at DESC, id")
-            .bind(id.to_string())
-            .fetch_all(&state.db.pool)
-            .await?;
     Ok(AxumJson(Items {
-        items: rows
-            .iter()
-            .map(ApiKey::from_row)
-            .collect::<Result<_, _>>()?,
+        items: keys::list(&state.db, id).await?,
     }))
 }
 
@@ -582,7 +407,7 @@ pub async fn api_keys_create(
     fetch_member(&state, &p, id).await?;
     self_or_admin(&p, id)?;
     let name = check_label("name", &body.name)?;
-    let (api_key, secret) = insert_api_key(&state.db, id, &name, Some(p.member_id)).await?;
+    let (api_key, secret) = crate::auth::issue_key(&state.db, id, &name, Some(p.member_id)).await?;
     Ok((
         StatusCode::CREATED,
         AxumJson(CreatedApiKey { api_key, secret }),
@@ -604,116 +429,11 @@ pub async fn api_keys_delete(
     let key = path_id("key", &key)?;
     fetch_member(&state, &p, id).await?;
     self_or_admin(&p, id)?;
-    let res = sqlx::query("DELETE FROM api_keys WHERE id = $1 AND member_id = $2")
-        .bind(key.to_string())
-        .bind(id.to_string())
-        .execute(&state.db.pool)
-        .await?;
-    if res.rows_affected() == 0 {
+    if !keys::delete(&state.db, key, id).await? {
         return Err(ApiError::NotFound {
             code: "api_key_not_found",
             what: "API key",
         });
     }
     Ok(StatusCode::NO_CONTENT)
-}
-
-// === Store functions used outside requests (bootstrap, admin CLI) ===
-
-/// Stores a new key for `member`; returns its metadata and the secret.
-pub async fn insert_api_key(
-    db: &Db,
-    member: Id,
-    name: &str,
-    created_by: Option<Id>,
-) -> Result<(ApiKey, String), StoreError> {
-    let secret = new_secret();
-    let id = Id::random();
-    sqlx::query(
-        "INSERT INTO api_keys (id, member_id, name, hash, prefix, created_at, created_by)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
-    )
-    .bind(id.to_string())
-    .bind(member.to_string())
-    .bind(name)
-    .bind(hash_secret(&secret))
-    .bind(secret_prefix(&secret))
-    .bind(now_ms())
-    .bind(created_by.map(|c| c.to_string()))
-    .execute(&db.pool)
-    .await?;
-    let row = sqlx::query("SELECT * FROM api_keys WHERE id = $1")
-        .bind(id.to_string())
-        .fetch_one(&db.pool)
-        .await?;
-    Ok((ApiKey::from_row(&row)?, secret))
-}
-
-/// A new organization with one admin member and an API key for him.
-pub struct NewOrganization {
-    pub organization_id: Id,
-    pub admin_member_id: Id,
-    pub admin_key: String,
-}
-
-/// Creates an organization, its first admin and his key. When `once` is given, does so only
-/// if that marker was never set (the empty-database bootstrap: two replicas starting at once
-/// create one organization, not two); returns `None` then.
-pub async fn create_organization(
-    db: &Db,
-    name: &str,
-    admin_name: &str,
-    once: Option<&str>,
-) -> Result<Option<NewOrganization>, StoreError> {
-    let org = Id::random();
-    let admin = Id::random();
-    let now = now_ms();
-    let mut tx = db.pool.begin().await?;
-    if let Some(marker) = once {
-        let res = sqlx::query(
-            "INSERT INTO meta (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
-        )
-        .bind(marker)
-        .bind(org.to_string())
-        .execute(&mut *tx)
-        .await?;
-        if res.rows_affected() == 0 {
-            tx.rollback().await?;
-            return Ok(None);
-        }
-    }
-    sqlx::query("INSERT INTO organizations (id, name, created_at) VALUES ($1, $2, $3)")
-        .bind(org.to_string())
-        .bind(name)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query(
-        "INSERT INTO members (id, org_id, name, email, role, created_at, created_by, updated_at, updated_by)
-         VALUES ($1, $2, $3, NULL, 'admin', $4, NULL, $4, NULL)",
-    )
-    .bind(admin.to_string())
-    .bind(org.to_string())
-    .bind(admin_name)
-    .bind(now)
-    .execute(&mut *tx)
-    .await?;
-    let secret = new_secret();
-    sqlx::query(
-        "INSERT INTO api_keys (id, member_id, name, hash, prefix, created_at, created_by)
-         VALUES ($1, $2, 'bootstrap', $3, $4, $5, NULL)",
-    )
-    .bind(Id::random().to_string())
-    .bind(admin.to_string())
-    .bind(hash_secret(&secret))
-    .bind(secret_prefix(&secret))
-    .bind(now)
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    Ok(Some(NewOrganization {
-        organization_id: org,
-        admin_member_id: admin,
-        admin_key: secret,
-    }))
 }

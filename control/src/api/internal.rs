@@ -1,24 +1,20 @@
 //! `/internal/v1/*`: what the edge calls. Authenticated by the internal token ([`Edge`]),
 //! never by a member's API key. The shapes are `marina_config::wire`'s.
 
-use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::Json as AxumJson;
-use marina_config::wire::{ActivityBatch, RedeemRequest, Route, RoutesSnapshot};
-use marina_config::Id;
+use marina_config::wire::{ActivityBatch, RedeemRequest, RoutesSnapshot};
 use serde::Deserialize;
-use sqlx::Row;
 
 use crate::auth::Edge;
-use crate::db::{get_id, now_ms};
 use crate::error::ApiError;
 use crate::extract::Json;
 use crate::lifecycle;
-use crate::model::UP_STATES;
 use crate::state::AppState;
+use crate::store::now_ms;
 
 /// Longest a routes long poll is held.
 pub const MAX_WAIT_SECONDS: u64 = 30;
@@ -72,69 +68,7 @@ pub async fn routes_get(
 
 /// Builds the routing table: every up notebook, its upstream, owner and viewers.
 pub async fn snapshot(state: &AppState) -> Result<RoutesSnapshot, ApiError> {
-    // Read the version first: if something changes while the table is built, the table may
-    // be newer than its version, never older, and the edge's next poll picks the change up.
-    let version = state.db.route_version().await?;
-    let rows = sqlx::query(&format!(
-        "SELECT id, org_id, member_id, session_id, upstream, upstream_token
-         FROM notebooks WHERE status IN {UP_STATES} AND upstream IS NOT NULL AND session_id IS NOT NULL
-         ORDER BY id"
-    ))
-    .fetch_all(&state.db.pool)
-    .await?;
-    let team_viewers = sqlx::query(&format!(
-        "SELECT nt.notebook_id, tm.member_id FROM notebook_teams nt
-         JOIN team_members tm ON tm.team_id = nt.team_id
-         JOIN notebooks n ON n.id = nt.notebook_id
-         WHERE n.status IN {UP_STATES}"
-    ))
-    .fetch_all(&state.db.pool)
-    .await?;
-    let admins = sqlx::query("SELECT id, org_id FROM members WHERE role = 'admin'")
-        .fetch_all(&state.db.pool)
-        .await?;
-    let mut admins_by_org: HashMap<Id, Vec<Id>> = HashMap::new();
-    for row in &admins {
-        admins_by_org
-            .entry(get_id(row, "org_id")?)
-            .or_default()
-            .push(get_id(row, "id")?);
-    }
-    let mut viewers_by_nb: HashMap<Id, HashSet<Id>> = HashMap::new();
-    for row in &team_viewers {
-        viewers_by_nb
-            .entry(get_id(row, "notebook_id")?)
-            .or_default()
-            .insert(get_id(row, "member_id")?);
-    }
-    let mut routes = Vec::with_capacity(rows.len());
-    for row in &rows {
-        let id = get_id(row, "id")?;
-        let owner = get_id(row, "member_id")?;
-        let org = get_id(row, "org_id")?;
-        let mut viewers: Vec<Id> = viewers_by_nb
-            .remove(&id)
-            .unwrap_or_default()
-            .into_iter()
-            .collect();
-        if let Some(a) = admins_by_org.get(&org) {
-            viewers.extend(a.iter().copied());
-        }
-        viewers.retain(|v| *v != owner);
-        viewers.sort();
-        viewers.dedup();
-        routes.push(Route {
-            notebook_id: id,
-            session_id: get_id(row, "session_id")?,
-            upstream: row.try_get("upstream")?,
-            upstream_token: row
-                .try_get::<Option<String>, _>("upstream_token")?
-                .unwrap_or_default(),
-            owner_id: owner,
-            viewers,
-        });
-    }
-    Ok(RoutesSnapshot { version, routes })
+    Ok(crate::store::edges::routes(&state.db).await?)
 }
 
 /// An edge's activity report.
@@ -175,15 +109,9 @@ pub async fn redeem_post(
         // Long expired: the edge should have refused it; don't grow the table with it.
         return Err(ApiError::conflict("token_expired", "the token has expired"));
     }
-    // The primary key makes this single-use across every edge replica and restart.
-    let res = sqlx::query(
-        "INSERT INTO redeemed_tokens (jti, exp) VALUES ($1, $2) ON CONFLICT (jti) DO NOTHING",
-    )
-    .bind(req.jti.as_str())
-    .bind(exp)
-    .execute(&state.db.pool)
-    .await?;
-    if res.rows_affected() == 0 {
+    // Single use across every edge replica and restart (the store's primary key).
+    let first = crate::store::edges::redeem(&state.db, req.jti.as_str(), exp).await?;
+    if !first {
         return Err(ApiError::conflict(
             "token_replayed",
             "this link was already used",

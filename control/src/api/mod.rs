@@ -28,34 +28,6 @@ use crate::extract::BodyLimit;
 use crate::model::*;
 use crate::state::AppState;
 
-/// Deletes one link row (`sql`, a `DELETE … WHERE x = $1 AND y = $2`) and bumps the routes
-/// version in the same transaction, so the edges drop the access the link gave (and close the
-/// connections it allowed); when there was no such row nothing changes and `missing` is the
-/// answer. Then wakes the routes feed's long polls.
-async fn unlink(
-    state: &AppState,
-    sql: &'static str,
-    a: marina_config::Id,
-    b: marina_config::Id,
-    missing: ApiError,
-) -> Result<axum::http::StatusCode, ApiError> {
-    let mut tx = state.db.pool.begin().await?;
-    crate::db::bump_routes(&mut tx).await?;
-    let res = sqlx::query(sql)
-        .bind(a.to_string())
-        .bind(b.to_string())
-        .execute(&mut *tx)
-        .await?;
-    if res.rows_affected() == 0 {
-        // Nothing changed: roll the version bump back too.
-        tx.rollback().await?;
-        return Err(missing);
-    }
-    tx.commit().await?;
-    state.routes_changed.notify_waiters();
-    Ok(axum::http::StatusCode::NO_CONTENT)
-}
-
 /// Largest activity batch an edge may send, bytes (about 80,000 notebooks).
 pub const INTERNAL_BODY_LIMIT: usize = 16 * 1024 * 1024;
 

@@ -1,9 +1,10 @@
 //! `/workloads/notebooks…` and `/workloads/teams/{team}/notebooks`: the seed's thirteen
 //! endpoints.
 //!
-//! Tenancy is enforced in SQL: every read goes through [`visible_clause`], so a notebook the
-//! caller may not see is indistinguishable from one that does not exist (404). Writes then
-//! check [`may_manage`] (owner or org admin; 403 otherwise).
+//! Tenancy is enforced in SQL: every read goes through the store's visibility clause
+//! ([`crate::store::notebooks`]), so a notebook the caller may not see is indistinguishable
+//! from one that does not exist (404). Writes then check [`may_manage`] (owner or org admin;
+//! 403 otherwise).
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -11,51 +12,14 @@ use axum::response::IntoResponse;
 use axum::Json as AxumJson;
 use marina_config::wire::AccessMode;
 use marina_config::Id;
-use sqlx::any::AnyArguments;
-use sqlx::query::Query;
-use sqlx::{Any, Row};
 
 use crate::auth::Principal;
-use crate::db::{bump_routes, get_id, now_ms, placeholders};
 use crate::error::ApiError;
-use crate::extract::{path_id, Cursor, Json, ListParams};
+use crate::extract::{path_id, Json, ListParams};
 use crate::lifecycle;
 use crate::model::*;
 use crate::state::AppState;
-
-/// A bind value of a dynamically built query.
-#[derive(Clone, Debug)]
-pub enum Arg {
-    S(String),
-    I(i64),
-}
-
-pub fn bind_all<'q>(
-    mut q: Query<'q, Any, AnyArguments<'q>>,
-    args: &'q [Arg],
-) -> Query<'q, Any, AnyArguments<'q>> {
-    for a in args {
-        q = match a {
-            Arg::S(s) => q.bind(s.as_str()),
-            Arg::I(i) => q.bind(*i),
-        };
-    }
-    q
-}
-
-/// The `WHERE` condition (over alias `n`) selecting what `p` may see; pushes its binds.
-pub fn visible_clause(p: &Principal, args: &mut Vec<Arg>) -> String {
-    args.push(Arg::S(p.org_id.to_string()));
-    let org = args.len();
-    if p.is_admin() {
-        return format!("n.org_id = ${org}");
-    }
-    args.push(Arg::S(p.member_id.to_string()));
-    let me = args.len();
-    format!(
-        "n.org_id = ${org} AND (n.member_id = ${me} OR n.id IN (SELECT nt.notebook_id FROM notebook_teams nt JOIN team_members tm ON tm.team_id = nt.team_id WHERE tm.member_id = ${me}))"
-    )
-}
+use crate::store::notebooks::{self as store, Changes, NewNotebook};
 
 /// Owner and org admins may change a notebook.
 pub fn may_manage(p: &Principal, nb: &Notebook) -> Result<(), ApiError> {
@@ -70,197 +34,45 @@ pub fn may_manage(p: &Principal, nb: &Notebook) -> Result<(), ApiError> {
 
 /// The notebook if `p` may see it, else 404.
 pub async fn fetch_visible(state: &AppState, p: &Principal, id: Id) -> Result<Notebook, ApiError> {
-    let mut args = vec![Arg::S(id.to_string())];
-    let vis = visible_clause(p, &mut args);
-    let sql = format!("SELECT {NOTEBOOK_COLUMNS} FROM notebooks n WHERE n.id = $1 AND {vis}");
-    let row = bind_all(sqlx::query(&sql), &args)
-        .fetch_optional(&state.db.pool)
+    store::fetch_visible(&state.db, &p.viewer(), id, state.detached_timeout())
         .await?
-        .ok_or_else(ApiError::notebook_not_found)?;
-    Ok(Notebook::from_row(&row, state.detached_timeout())?)
+        .ok_or_else(ApiError::notebook_not_found)
 }
 
 /// Re-reads a notebook by id (after a write).
-pub async fn fetch_by_id(state: &AppState, id: Id) -> Result<Notebook, ApiError> {
-    let sql = format!("SELECT {NOTEBOOK_COLUMNS} FROM notebooks n WHERE n.id = $1");
-    let row = sqlx::query(&sql)
-        .bind(id.to_string())
-        .fetch_optional(&state.db.pool)
+async fn fetch_by_id(state: &AppState, id: Id) -> Result<Notebook, ApiError> {
+    store::fetch(&state.db, id, state.detached_timeout())
         .await?
-        .ok_or_else(ApiError::notebook_not_found)?;
-    Ok(Notebook::from_row(&row, state.detached_timeout())?)
+        .ok_or_else(ApiError::notebook_not_found)
 }
 
-/// Items and `included` for a set of notebooks (each object once).
-pub async fn build_included(
-    state: &AppState,
-    notebooks: Vec<Notebook>,
-) -> Result<(Vec<NotebookItem>, Included), ApiError> {
-    let mut items: Vec<NotebookItem> = notebooks
-        .iter()
-        .map(|n| NotebookItem {
-            notebook_id: n.id,
-            team_ids: Vec::new(),
-            workload_config_id: n.workload_config_id,
-        })
-        .collect();
-    if notebooks.is_empty() {
-        return Ok((items, Included::default()));
-    }
-    let ids: Vec<String> = notebooks.iter().map(|n| n.id.to_string()).collect();
-    let sql = format!(
-        "SELECT notebook_id, team_id FROM notebook_teams WHERE notebook_id IN ({}) ORDER BY created_at, team_id",
-        placeholders(1, ids.len())
-    );
-    let mut q = sqlx::query(&sql);
-    for id in &ids {
-        q = q.bind(id.as_str());
-    }
-    let mut team_ids: Vec<Id> = Vec::new();
-    for row in q.fetch_all(&state.db.pool).await? {
-        let nb = get_id(&row, "notebook_id")?;
-        let team = get_id(&row, "team_id")?;
-        if let Some(item) = items.iter_mut().find(|i| i.notebook_id == nb) {
-            item.team_ids.push(team);
-        }
-        if !team_ids.contains(&team) {
-            team_ids.push(team);
-        }
-    }
-    let teams = teams_with_counts(state, &team_ids).await?;
-
-    let mut config_ids: Vec<String> = Vec::new();
-    for n in &notebooks {
-        let s = n.workload_config_id.to_string();
-        if !config_ids.contains(&s) {
-            config_ids.push(s);
-        }
-    }
-    let sql = format!(
-        "SELECT * FROM workload_configs WHERE id IN ({}) ORDER BY created_at DESC, id",
-        placeholders(1, config_ids.len())
-    );
-    let mut q = sqlx::query(&sql);
-    for id in &config_ids {
-        q = q.bind(id.as_str());
-    }
-    let workload_configs = q
-        .fetch_all(&state.db.pool)
-        .await?
-        .iter()
-        .map(WorkloadConfig::from_row)
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok((
-        items,
-        Included {
-            notebooks,
-            teams,
-            workload_configs,
-        },
-    ))
-}
-
-/// Teams by id with their member counts.
-pub async fn teams_with_counts(
-    state: &AppState,
-    ids: &[Id],
-) -> Result<Vec<TeamWithCount>, ApiError> {
-    if ids.is_empty() {
-        return Ok(Vec::new());
-    }
-    let sql = format!(
-        "SELECT t.*, (SELECT COUNT(*) FROM team_members tm WHERE tm.team_id = t.id) AS member_count
-         FROM teams t WHERE t.id IN ({}) ORDER BY t.created_at DESC, t.id",
-        placeholders(1, ids.len())
-    );
-    let mut q = sqlx::query(&sql);
-    let strs: Vec<String> = ids.iter().map(Id::to_string).collect();
-    for id in &strs {
-        q = q.bind(id.as_str());
-    }
-    q.fetch_all(&state.db.pool)
-        .await?
-        .iter()
-        .map(|row| {
-            Ok(TeamWithCount {
-                team: Team::from_row(row)?,
-                member_count: row.try_get("member_count")?,
-            })
-        })
-        .collect()
-}
-
-/// Which notebooks a list shows.
-enum ListScope {
-    Visible,
-    Team(Id),
+/// One notebook with its `included` objects.
+async fn one(state: &AppState, nb: Notebook) -> Result<NotebookOne, ApiError> {
+    let (mut items, included) = store::included(&state.db, vec![nb]).await?;
+    let item = items.pop().ok_or_else(ApiError::notebook_not_found)?;
+    Ok(NotebookOne { item, included })
 }
 
 async fn list(
     state: &AppState,
     p: &Principal,
-    scope: ListScope,
+    team: Option<Id>,
     params: ListParams,
 ) -> Result<NotebookList, ApiError> {
-    let mut args = Vec::new();
-    let mut cond = visible_clause(p, &mut args);
-    if let ListScope::Team(team) = scope {
-        args.push(Arg::S(team.to_string()));
-        cond = format!(
-            "{cond} AND n.id IN (SELECT notebook_id FROM notebook_teams WHERE team_id = ${})",
-            args.len()
-        );
-    }
-    let total: i64 = bind_all(
-        sqlx::query(&format!(
-            "SELECT COUNT(*) AS n FROM notebooks n WHERE {cond}"
-        )),
-        &args,
+    let page = store::list(
+        &state.db,
+        &p.viewer(),
+        team,
+        (&params).into(),
+        state.detached_timeout(),
     )
-    .fetch_one(&state.db.pool)
-    .await?
-    .try_get("n")?;
-
-    let mut notebooks = Vec::new();
-    let mut next_page_token = None;
-    if params.limit > 0 {
-        let mut page_cond = cond.clone();
-        if let Some(c) = &params.after {
-            args.push(Arg::I(c.created_at));
-            let t = args.len();
-            args.push(Arg::S(c.id.to_string()));
-            let i = args.len();
-            page_cond = format!(
-                "{page_cond} AND (n.created_at < ${t} OR (n.created_at = ${t} AND n.id > ${i}))"
-            );
-        }
-        let sql = format!(
-            "SELECT {NOTEBOOK_COLUMNS} FROM notebooks n WHERE {page_cond}
-             ORDER BY n.created_at DESC, n.id ASC LIMIT {}",
-            params.limit + 1
-        );
-        let rows = bind_all(sqlx::query(&sql), &args)
-            .fetch_all(&state.db.pool)
-            .await?;
-        for row in rows.iter().take(params.limit as usize) {
-            notebooks.push(Notebook::from_row(row, state.detached_timeout())?);
-        }
-        if rows.len() as i64 > params.limit {
-            next_page_token = notebooks.last().map(|n| {
-                Cursor {
-                    created_at: n.created_at_ms,
-                    id: n.id,
-                }
-                .encode()
-            });
-        }
-    }
-    let (items, included) = build_included(state, notebooks).await?;
+    .await?;
+    let (items, included) = store::included(&state.db, page.notebooks).await?;
     Ok(NotebookList {
-        total,
+        total: page.total,
         items,
         included,
-        next_page_token,
+        next_page_token: page.next_page_token,
     })
 }
 
@@ -279,13 +91,7 @@ async fn check_teams(
         if out.contains(t) {
             continue;
         }
-        let exists: Option<String> =
-            sqlx::query_scalar("SELECT id FROM teams WHERE id = $1 AND org_id = $2")
-                .bind(t.to_string())
-                .bind(p.org_id.to_string())
-                .fetch_optional(&state.db.pool)
-                .await?;
-        if exists.is_none() {
+        if !crate::store::teams::exists(&state.db, p.org_id, *t).await? {
             return Err(ApiError::invalid(format!("teamIds[{i}]"), "no such team"));
         }
         if !p.is_admin() && !p.in_team(*t) {
@@ -335,15 +141,14 @@ fn check_idle_timeout(v: i64) -> Result<i64, ApiError> {
 }
 
 async fn check_config(state: &AppState, p: &Principal, id: Id) -> Result<(), ApiError> {
-    let found: Option<String> =
-        sqlx::query_scalar("SELECT id FROM workload_configs WHERE id = $1 AND org_id = $2")
-            .bind(id.to_string())
-            .bind(p.org_id.to_string())
-            .fetch_optional(&state.db.pool)
-            .await?;
-    found
-        .map(|_| ())
-        .ok_or_else(|| ApiError::invalid("workloadConfigId", "no such workload config"))
+    if crate::store::configs::exists(&state.db, p.org_id, id).await? {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(
+            "workloadConfigId",
+            "no such workload config",
+        ))
+    }
 }
 
 // === Handlers ===
@@ -358,9 +163,7 @@ pub async fn notebooks_list(
     p: Principal,
     params: ListParams,
 ) -> Result<AxumJson<NotebookList>, ApiError> {
-    Ok(AxumJson(
-        list(&state, &p, ListScope::Visible, params).await?,
-    ))
+    Ok(AxumJson(list(&state, &p, None, params).await?))
 }
 
 /// Create a notebook (status `stopped`).
@@ -378,47 +181,21 @@ pub async fn notebooks_create(
     let idle = check_idle_timeout(body.idle_timeout_seconds.unwrap_or(3600))?;
     check_config(&state, &p, body.workload_config_id).await?;
     let teams = check_teams(&state, &p, &body.team_ids).await?;
-    let id = Id::random();
-    let now = now_ms();
-    let me = p.member_id.to_string();
-    let mut tx = state.db.pool.begin().await?;
-    sqlx::query(
-        "INSERT INTO notebooks (id, org_id, member_id, workload_config_id, name, description, status,
-            idle_timeout_seconds, created_at, created_by, updated_at, updated_by)
-         VALUES ($1, $2, $3, $4, $5, $6, 'stopped', $7, $8, $3, $8, $3)",
+    let id = store::insert(
+        &state.db,
+        NewNotebook {
+            org_id: p.org_id,
+            owner: p.member_id,
+            workload_config_id: body.workload_config_id,
+            name,
+            description,
+            idle_timeout_seconds: idle,
+            team_ids: teams,
+        },
     )
-    .bind(id.to_string())
-    .bind(p.org_id.to_string())
-    .bind(me.as_str())
-    .bind(body.workload_config_id.to_string())
-    .bind(name)
-    .bind(description)
-    .bind(idle)
-    .bind(now)
-    .execute(&mut *tx)
     .await?;
-    for t in &teams {
-        sqlx::query(
-            "INSERT INTO notebook_teams (notebook_id, team_id, created_at, created_by, updated_at, updated_by)
-             VALUES ($1, $2, $3, $4, $3, $4)",
-        )
-        .bind(id.to_string())
-        .bind(t.to_string())
-        .bind(now)
-        .bind(me.as_str())
-        .execute(&mut *tx)
-        .await?;
-    }
-    tx.commit().await?;
     let nb = fetch_by_id(&state, id).await?;
-    let (mut items, included) = build_included(&state, vec![nb]).await?;
-    let item = items
-        .pop()
-        .ok_or_else(|| ApiError::Internal("created notebook vanished".into()))?;
-    Ok((
-        StatusCode::CREATED,
-        AxumJson(NotebookOne { item, included }),
-    ))
+    Ok((StatusCode::CREATED, AxumJson(one(&state, nb).await?)))
 }
 
 /// Describe a notebook.
@@ -433,9 +210,7 @@ pub async fn notebooks_get(
 ) -> Result<AxumJson<NotebookOne>, ApiError> {
     let id = path_id("notebook", &notebook)?;
     let nb = fetch_visible(&state, &p, id).await?;
-    let (mut items, included) = build_included(&state, vec![nb]).await?;
-    let item = items.pop().ok_or_else(ApiError::notebook_not_found)?;
-    Ok(AxumJson(NotebookOne { item, included }))
+    Ok(AxumJson(one(&state, nb).await?))
 }
 
 /// Update name, description, idle timeout; the workload config only when stopped.
@@ -453,55 +228,26 @@ pub async fn notebooks_update(
     let id = path_id("notebook", &notebook)?;
     let nb = fetch_visible(&state, &p, id).await?;
     may_manage(&p, &nb)?;
-    let mut sets = Vec::new();
-    let mut args = Vec::new();
-    if let Some(name) = &body.name {
-        args.push(Arg::S(check_name("name", name)?));
-        sets.push(format!("name = ${}", args.len()));
-    }
-    let mut clear_description = false;
-    match check_description(body.description.clone().flatten())? {
-        Some(d) => {
-            args.push(Arg::S(d));
-            sets.push(format!("description = ${}", args.len()));
-        }
-        None => clear_description = matches!(body.description, Some(None)),
-    }
-    if clear_description {
-        sets.push("description = NULL".into());
-    }
-    if let Some(v) = body.idle_timeout_seconds {
-        args.push(Arg::I(check_idle_timeout(v)?));
-        sets.push(format!("idle_timeout_seconds = ${}", args.len()));
-    }
-    let mut only_when_stopped = false;
+    let mut changes = Changes {
+        name: body
+            .name
+            .as_deref()
+            .map(|n| check_name("name", n))
+            .transpose()?,
+        description: body.description.map(check_description).transpose()?,
+        idle_timeout_seconds: body
+            .idle_timeout_seconds
+            .map(check_idle_timeout)
+            .transpose()?,
+        workload_config_id: None,
+    };
     if let Some(cfg) = body.workload_config_id {
         if cfg != nb.workload_config_id {
             check_config(&state, &p, cfg).await?;
-            args.push(Arg::S(cfg.to_string()));
-            sets.push(format!("workload_config_id = ${}", args.len()));
-            only_when_stopped = true;
+            changes.workload_config_id = Some(cfg);
         }
     }
-    args.push(Arg::I(now_ms()));
-    sets.push(format!("updated_at = ${}", args.len()));
-    args.push(Arg::S(p.member_id.to_string()));
-    sets.push(format!("updated_by = ${}", args.len()));
-    args.push(Arg::S(id.to_string()));
-    let mut sql = format!(
-        "UPDATE notebooks SET {} WHERE id = ${}",
-        sets.join(", "),
-        args.len()
-    );
-    if only_when_stopped {
-        // Conditional on the state in the same statement: a concurrent start cannot slip in
-        // between a check and the write.
-        sql.push_str(" AND status = 'stopped'");
-    }
-    let res = bind_all(sqlx::query(&sql), &args)
-        .execute(&state.db.pool)
-        .await?;
-    if res.rows_affected() == 0 {
+    if !store::update(&state.db, id, changes, p.member_id).await? {
         return Err(ApiError::conflict(
             "notebook_not_stopped",
             "the workload config can only be changed while the notebook is stopped",
@@ -645,16 +391,7 @@ pub async fn notebook_teams_list(
 }
 
 async fn team_links(state: &AppState, id: Id, limit: i64) -> Result<Vec<NotebookTeam>, ApiError> {
-    let rows = sqlx::query(&format!(
-        "SELECT * FROM notebook_teams WHERE notebook_id = $1 ORDER BY created_at, team_id LIMIT {limit}"
-    ))
-    .bind(id.to_string())
-    .fetch_all(&state.db.pool)
-    .await?;
-    Ok(rows
-        .iter()
-        .map(NotebookTeam::from_row)
-        .collect::<Result<_, _>>()?)
+    Ok(store::team_links(&state.db, id, limit).await?)
 }
 
 /// Share a notebook with teams (already shared is fine).
@@ -673,23 +410,8 @@ pub async fn notebook_teams_add(
     let nb = fetch_visible(&state, &p, id).await?;
     may_manage(&p, &nb)?;
     let teams = check_teams(&state, &p, &body.team_ids).await?;
-    let now = now_ms();
-    let mut tx = state.db.pool.begin().await?;
     // New viewers for the edge.
-    bump_routes(&mut tx).await?;
-    for t in &teams {
-        sqlx::query(
-            "INSERT INTO notebook_teams (notebook_id, team_id, created_at, created_by, updated_at, updated_by)
-             VALUES ($1, $2, $3, $4, $3, $4) ON CONFLICT (notebook_id, team_id) DO NOTHING",
-        )
-        .bind(id.to_string())
-        .bind(t.to_string())
-        .bind(now)
-        .bind(p.member_id.to_string())
-        .execute(&mut *tx)
-        .await?;
-    }
-    tx.commit().await?;
+    store::share(&state.db, id, &teams, p.member_id).await?;
     state.routes_changed.notify_waiters();
     Ok(AxumJson(NotebookTeamList {
         items: team_links(&state, id, 1000).await?,
@@ -710,14 +432,11 @@ pub async fn notebook_teams_remove(
     let team = path_id("team", &team)?;
     let nb = fetch_visible(&state, &p, id).await?;
     may_manage(&p, &nb)?;
-    super::unlink(
-        &state,
-        "DELETE FROM notebook_teams WHERE notebook_id = $1 AND team_id = $2",
-        id,
-        team,
-        ApiError::team_not_found(),
-    )
-    .await
+    if !store::unshare(&state.db, id, team).await? {
+        return Err(ApiError::team_not_found());
+    }
+    state.routes_changed.notify_waiters();
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Notebooks shared with a team (caller in the team, or an admin).
@@ -732,13 +451,7 @@ pub async fn team_notebooks_list(
     params: ListParams,
 ) -> Result<AxumJson<NotebookList>, ApiError> {
     let team = path_id("team", &team)?;
-    let exists: Option<String> =
-        sqlx::query_scalar("SELECT id FROM teams WHERE id = $1 AND org_id = $2")
-            .bind(team.to_string())
-            .bind(p.org_id.to_string())
-            .fetch_optional(&state.db.pool)
-            .await?;
-    if exists.is_none() {
+    if !crate::store::teams::exists(&state.db, p.org_id, team).await? {
         return Err(ApiError::team_not_found());
     }
     if !p.is_admin() && !p.in_team(team) {
@@ -746,7 +459,5 @@ pub async fn team_notebooks_list(
             "only the team's members and admins may list its notebooks",
         ));
     }
-    Ok(AxumJson(
-        list(&state, &p, ListScope::Team(team), params).await?,
-    ))
+    Ok(AxumJson(list(&state, &p, Some(team), params).await?))
 }

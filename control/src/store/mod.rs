@@ -1,4 +1,15 @@
-//! The store: one sqlx `Any` pool over SQLite (a file, WAL) or PostgreSQL, and its schema.
+//! The store: one sqlx `Any` pool over SQLite (a file, WAL) or PostgreSQL, its schema, and
+//! every query the control plane runs, by table or aggregate. Nothing outside this module
+//! writes SQL: handlers and the lifecycle call the functions here, which return model types
+//! (row mapping is here and in `model`'s `from_row`), and state transitions are named
+//! conditional updates that say whether they won.
+//!
+//! - [`notebooks`]: notebooks, their team links, the visibility clause, the lifecycle
+//!   transitions and the monitor's reads.
+//! - [`teams`], [`members`], [`keys`], [`configs`], [`orgs`]: identity and workload configs.
+//! - [`edges`]: the edge's bookkeeping (activity, connections, redeemed tokens) and the routes
+//!   snapshot.
+//! - [`page`]: keyset pagination (one page of rows, the next page token).
 //!
 //! Why `Any` and not two pools behind a trait: every query the control plane runs is portable
 //! SQL (`$1` placeholders work on both drivers, `ON CONFLICT`, `RETURNING`), so one code path
@@ -10,12 +21,26 @@
 //! Migrations are embedded, numbered and applied at start-up inside one transaction each,
 //! recorded in `schema_migrations`. On PostgreSQL a transaction-scoped advisory lock keeps two
 //! replicas starting at once from applying the same migration twice.
+//!
+//! Architecture invariant: every query that reads a tenant's rows takes the caller's
+//! organization (or a [`notebooks::Viewer`]) and filters by it in SQL.
+
+pub mod configs;
+pub mod edges;
+pub mod keys;
+pub mod members;
+pub mod notebooks;
+pub mod orgs;
+pub mod page;
+pub mod teams;
 
 use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Executor, Row};
+
+use marina_config::Id;
 
 use crate::error::{ControlError, StoreError};
 
@@ -314,6 +339,13 @@ impl Db {
         Ok(v as u64)
     }
 
+    /// Number of organizations (zero: an empty database to bootstrap).
+    pub async fn organization_count(&self) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM organizations")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
     /// Is the database answering?
     pub async fn ping(&self) -> bool {
         sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
@@ -376,6 +408,59 @@ pub fn get_opt_id(
     let s: Option<String> = row.try_get(column)?;
     s.map(|s| marina_config::Id::parse(&s).map_err(|_| StoreError::Corrupt { column, value: s }))
         .transpose()
+}
+
+/// A bind value of a dynamically built query.
+#[derive(Clone, Debug)]
+pub(crate) enum Arg {
+    S(String),
+    I(i64),
+}
+
+/// Binds `args` in order.
+pub(crate) fn bind_all<'q>(
+    mut q: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+    args: &'q [Arg],
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+    for a in args {
+        q = match a {
+            Arg::S(s) => q.bind(s.as_str()),
+            Arg::I(i) => q.bind(*i),
+        };
+    }
+    q
+}
+
+/// Deletes one link row (`sql`, a `DELETE … WHERE x = $1 AND y = $2`) and bumps the routes
+/// version in the same transaction, so the edges drop the access the link gave (and close the
+/// connections it allowed). False, with nothing changed, when there was no such row.
+async fn delete_link(db: &Db, sql: &'static str, a: Id, b: Id) -> Result<bool, StoreError> {
+    let mut tx = db.pool.begin().await?;
+    bump_routes(&mut tx).await?;
+    let res = sqlx::query(sql)
+        .bind(a.to_string())
+        .bind(b.to_string())
+        .execute(&mut *tx)
+        .await?;
+    if res.rows_affected() == 0 {
+        // Nothing changed: roll the version bump back too.
+        tx.rollback().await?;
+        return Ok(false);
+    }
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// The distinct ids, as text, in first-seen order.
+fn id_strings(ids: impl IntoIterator<Item = Id>) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for id in ids {
+        let s = id.to_string();
+        if !out.contains(&s) {
+            out.push(s);
+        }
+    }
+    out
 }
 
 /// `$first, $first+1, …` placeholders for an `IN (…)` list of `n` values.
