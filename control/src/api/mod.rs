@@ -1,12 +1,14 @@
 //! The HTTP surface: one router for the public API, the internal API, and the operational
 //! endpoints, with the observe middleware (metrics, error logging) around all of it.
 //!
+//! - [`access`]: extractors for a notebook the caller may see or manage.
 //! - [`notebooks`]: the seed's thirteen `/workloads/…` endpoints.
 //! - [`configs`]: the workload config endpoints.
 //! - [`iam`]: `/iam/…` (members, teams, membership, API keys, me).
 //! - [`internal`]: `/internal/v1/…` for the edge.
 //! - [`ops`]: `/healthz`, `/readyz`, `/metrics`, `/openapi.json`, the host page.
 
+pub mod access;
 pub mod configs;
 pub mod iam;
 pub mod internal;

@@ -3,8 +3,9 @@
 //!
 //! Tenancy is enforced in SQL: every read goes through the store's visibility clause
 //! ([`crate::store::notebooks`]), so a notebook the caller may not see is indistinguishable
-//! from one that does not exist (404). Writes then check [`may_manage`] (owner or org admin;
-//! 403 otherwise).
+//! from one that does not exist (404). Writes then need the owner or an org admin (403
+//! otherwise). Both checks are the extractors of [`super::access`], which every
+//! `/workloads/notebooks/{notebook}…` handler takes.
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -13,6 +14,7 @@ use axum::Json as AxumJson;
 use marina_config::wire::AccessMode;
 use marina_config::Id;
 
+use crate::api::access::{ManagedNotebook, VisibleNotebook};
 use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::extract::{path_id, Json, ListParams};
@@ -20,24 +22,6 @@ use crate::lifecycle;
 use crate::model::*;
 use crate::state::AppState;
 use crate::store::notebooks::{self as store, Changes, NewNotebook};
-
-/// Owner and org admins may change a notebook.
-pub fn may_manage(p: &Principal, nb: &Notebook) -> Result<(), ApiError> {
-    if p.is_admin() || nb.member_id == p.member_id {
-        Ok(())
-    } else {
-        Err(ApiError::Forbidden(
-            "only the notebook's owner or an organization admin may do this",
-        ))
-    }
-}
-
-/// The notebook if `p` may see it, else 404.
-pub async fn fetch_visible(state: &AppState, p: &Principal, id: Id) -> Result<Notebook, ApiError> {
-    store::fetch_visible(&state.db, &p.viewer(), id, state.detached_timeout())
-        .await?
-        .ok_or_else(ApiError::notebook_not_found)
-}
 
 /// Re-reads a notebook by id (after a write).
 async fn fetch_by_id(state: &AppState, id: Id) -> Result<Notebook, ApiError> {
@@ -205,12 +189,9 @@ pub async fn notebooks_create(
     security(("apiKey" = [])))]
 pub async fn notebooks_get(
     State(state): State<AppState>,
-    p: Principal,
-    Path(notebook): Path<String>,
+    access: VisibleNotebook,
 ) -> Result<AxumJson<NotebookOne>, ApiError> {
-    let id = path_id("notebook", &notebook)?;
-    let nb = fetch_visible(&state, &p, id).await?;
-    Ok(AxumJson(one(&state, nb).await?))
+    Ok(AxumJson(one(&state, access.notebook).await?))
 }
 
 /// Update name, description, idle timeout; the workload config only when stopped.
@@ -221,13 +202,14 @@ pub async fn notebooks_get(
     security(("apiKey" = [])))]
 pub async fn notebooks_update(
     State(state): State<AppState>,
-    p: Principal,
-    Path(notebook): Path<String>,
+    access: ManagedNotebook,
     Json(body): Json<UpdateNotebookBody>,
 ) -> Result<AxumJson<Notebook>, ApiError> {
-    let id = path_id("notebook", &notebook)?;
-    let nb = fetch_visible(&state, &p, id).await?;
-    may_manage(&p, &nb)?;
+    let ManagedNotebook {
+        principal: p,
+        notebook: nb,
+    } = access;
+    let id = nb.id;
     let mut changes = Changes {
         name: body
             .name
@@ -263,13 +245,9 @@ pub async fn notebooks_update(
     security(("apiKey" = [])))]
 pub async fn notebooks_delete(
     State(state): State<AppState>,
-    p: Principal,
-    Path(notebook): Path<String>,
+    access: ManagedNotebook,
 ) -> Result<StatusCode, ApiError> {
-    let id = path_id("notebook", &notebook)?;
-    let nb = fetch_visible(&state, &p, id).await?;
-    may_manage(&p, &nb)?;
-    lifecycle::delete(&state, &nb).await?;
+    lifecycle::delete(&state, &access.notebook).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -280,13 +258,12 @@ pub async fn notebooks_delete(
     security(("apiKey" = [])))]
 pub async fn notebooks_start(
     State(state): State<AppState>,
-    p: Principal,
-    Path(notebook): Path<String>,
+    access: ManagedNotebook,
 ) -> Result<AxumJson<Notebook>, ApiError> {
-    let id = path_id("notebook", &notebook)?;
-    let nb = fetch_visible(&state, &p, id).await?;
-    may_manage(&p, &nb)?;
-    Ok(AxumJson(lifecycle::start(&state, &nb, p.member_id).await?))
+    let by = access.principal.member_id;
+    Ok(AxumJson(
+        lifecycle::start(&state, &access.notebook, by).await?,
+    ))
 }
 
 /// Stop: `starting`/`running`/`idle`/`detached` → `stopping`.
@@ -296,14 +273,11 @@ pub async fn notebooks_start(
     security(("apiKey" = [])))]
 pub async fn notebooks_stop(
     State(state): State<AppState>,
-    p: Principal,
-    Path(notebook): Path<String>,
+    access: ManagedNotebook,
 ) -> Result<AxumJson<Notebook>, ApiError> {
-    let id = path_id("notebook", &notebook)?;
-    let nb = fetch_visible(&state, &p, id).await?;
-    may_manage(&p, &nb)?;
+    let by = access.principal.member_id;
     Ok(AxumJson(
-        lifecycle::stop(&state, &nb, Some(p.member_id), None).await?,
+        lifecycle::stop(&state, &access.notebook, Some(by), None).await?,
     ))
 }
 
@@ -324,11 +298,13 @@ fn not_running(nb: &Notebook) -> ApiError {
     security(("apiKey" = [])))]
 pub async fn notebooks_open(
     State(state): State<AppState>,
-    p: Principal,
-    Path(notebook): Path<String>,
+    access: VisibleNotebook,
 ) -> Result<AxumJson<OpenUrl>, ApiError> {
-    let id = path_id("notebook", &notebook)?;
-    let nb = fetch_visible(&state, &p, id).await?;
+    let VisibleNotebook {
+        principal: p,
+        notebook: nb,
+    } = access;
+    let id = nb.id;
     let session = match (nb.status.is_up(), nb.session_id) {
         (true, Some(s)) => s,
         _ => return Err(not_running(&nb)),
@@ -356,11 +332,10 @@ pub async fn notebooks_open(
     security(("apiKey" = [])))]
 pub async fn notebooks_ping(
     State(state): State<AppState>,
-    p: Principal,
-    Path(notebook): Path<String>,
+    access: VisibleNotebook,
 ) -> Result<StatusCode, ApiError> {
-    let id = path_id("notebook", &notebook)?;
-    let nb = fetch_visible(&state, &p, id).await?;
+    let nb = access.notebook;
+    let id = nb.id;
     if !nb.status.is_up() {
         return Err(not_running(&nb));
     }
@@ -379,12 +354,10 @@ pub async fn notebooks_ping(
     security(("apiKey" = [])))]
 pub async fn notebook_teams_list(
     State(state): State<AppState>,
-    p: Principal,
-    Path(notebook): Path<String>,
+    access: VisibleNotebook,
     params: ListParams,
 ) -> Result<AxumJson<NotebookTeamList>, ApiError> {
-    let id = path_id("notebook", &notebook)?;
-    fetch_visible(&state, &p, id).await?;
+    let id = access.notebook.id;
     Ok(AxumJson(NotebookTeamList {
         items: team_links(&state, id, params.limit).await?,
     }))
@@ -402,13 +375,14 @@ async fn team_links(state: &AppState, id: Id, limit: i64) -> Result<Vec<Notebook
     security(("apiKey" = [])))]
 pub async fn notebook_teams_add(
     State(state): State<AppState>,
-    p: Principal,
-    Path(notebook): Path<String>,
+    access: ManagedNotebook,
     Json(body): Json<TeamIdsBody>,
 ) -> Result<AxumJson<NotebookTeamList>, ApiError> {
-    let id = path_id("notebook", &notebook)?;
-    let nb = fetch_visible(&state, &p, id).await?;
-    may_manage(&p, &nb)?;
+    let ManagedNotebook {
+        principal: p,
+        notebook: nb,
+    } = access;
+    let id = nb.id;
     let teams = check_teams(&state, &p, &body.team_ids).await?;
     // New viewers for the edge.
     store::share(&state.db, id, &teams, p.member_id).await?;
@@ -425,13 +399,12 @@ pub async fn notebook_teams_add(
     security(("apiKey" = [])))]
 pub async fn notebook_teams_remove(
     State(state): State<AppState>,
-    p: Principal,
-    Path((notebook, team)): Path<(String, String)>,
+    access: ManagedNotebook,
+    Path(ids): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    let id = path_id("notebook", &notebook)?;
-    let team = path_id("team", &team)?;
-    let nb = fetch_visible(&state, &p, id).await?;
-    may_manage(&p, &nb)?;
+    let id = access.notebook.id;
+    // Checked already (with the notebook id, before the lookup).
+    let team = path_id("team", &ids.1)?;
     if !store::unshare(&state.db, id, team).await? {
         return Err(ApiError::team_not_found());
     }
