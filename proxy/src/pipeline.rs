@@ -20,7 +20,7 @@ use crate::authenticate::{Authenticator, Identity};
 use crate::authorize::{self, Decision, Policy, SessionBinding, Transport};
 use crate::error::{EdgeError, ErrorKind};
 use crate::forward::body::EdgeBody;
-use crate::forward::{rewrite_request_headers, Affinity, ForwardInfo, Forwarder, RequestId};
+use crate::forward::{Affinity, ForwardInfo, Forwarder, RequestId};
 use crate::metrics::Metrics;
 use crate::respond::{self, Security};
 use crate::route::{self, locate, Located, RouteEntry, RouteTable, Target};
@@ -282,16 +282,10 @@ async fn websocket_phase(
     names: &[&str; 2],
     info: ForwardInfo<'_>,
 ) -> Result<Response<EdgeBody>, EdgeError> {
-    rewrite_request_headers(&mut parts.headers, names, route, info);
     let on_upgrade = parts
         .extensions
         .remove::<hyper::upgrade::OnUpgrade>()
         .ok_or_else(|| EdgeError::new(ErrorKind::BadRequest, "not upgradable"))?;
-    let pq = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
     let relay = RelayCtx {
         identity,
         activity: route.activity.clone(),
@@ -301,7 +295,7 @@ async fn websocket_phase(
         metrics: shared.metrics,
         config: shared.ws,
     };
-    ws::upgrade(route, pq, &parts.headers, kind, on_upgrade, relay).await
+    ws::upgrade(route, &parts, names, &info, kind, on_upgrade, relay).await
 }
 
 /// Phase 5, `activity`: runs for every request, failed or not. A request counts when it was

@@ -179,10 +179,13 @@ impl Conn {
         Ok(())
     }
 
-    /// Reads until a whole (final, non-1xx) response head is buffered.
-    async fn read_head(&mut self, head_request: bool) -> Result<Head, Failure> {
+    /// Reads until a whole (final, non-1xx) response head is buffered. `upgrade`: a `101` is
+    /// final too (the WebSocket handshake).
+    async fn read_head(&mut self, head_request: bool, upgrade: bool) -> Result<Head, Failure> {
         loop {
-            if let Some(h) = parse_head(&mut self.buf, head_request).map_err(Failure::Proto)? {
+            if let Some(h) =
+                parse_head(&mut self.buf, head_request, upgrade).map_err(Failure::Proto)?
+            {
                 return Ok(h);
             }
             self.buf.reserve(READ_HEAD);
@@ -194,6 +197,53 @@ impl Conn {
                 Err(e) => return Err(Failure::Io(e)),
             }
         }
+    }
+}
+
+/// The upgrade of a WebSocket handshake ([`crate::ws`]) on a connection of its own: the same
+/// connect, head writer and head parser as every request, then the socket is the relay's.
+impl Conn {
+    /// A fresh connection to the notebook (never from a slot: it becomes the socket).
+    pub(crate) async fn open(
+        route: &RouteEntry,
+        timeout: Duration,
+    ) -> Result<Box<Conn>, EdgeError> {
+        Conn::connect(route, Key::of(route), timeout).await
+    }
+
+    /// Sends the upgrade request (the browser's head for the upstream, as [`encode_request`]
+    /// writes every request, plus `Connection: Upgrade`, `Upgrade: websocket`; `skip`: headers
+    /// of the browser's not to pass; `key`: the edge's own `Sec-WebSocket-Key`, if any) and
+    /// reads the answer's head. The headers of a `101` are those [`parse_head`] passes on.
+    pub(crate) async fn upgrade(
+        &mut self,
+        parts: &Parts,
+        names: &[&str; 2],
+        route: &RouteEntry,
+        info: &ForwardInfo<'_>,
+        skip: impl Fn(&HeaderName) -> bool,
+        key: Option<&str>,
+    ) -> Result<(StatusCode, HeaderMap), EdgeError> {
+        encode_head(&mut self.out, parts, names, route, info, skip, |out| {
+            out.extend_from_slice(b"connection: Upgrade\r\nupgrade: websocket\r\n");
+            if let Some(key) = key {
+                line(out, b"sec-websocket-key", key.as_bytes());
+            }
+        });
+        if let Err(e) = self.io.write_all(&self.out).await {
+            return Err(Failure::Io(e).into_edge());
+        }
+        let head = self
+            .read_head(false, true)
+            .await
+            .map_err(Failure::into_edge)?;
+        Ok(head.into_parts())
+    }
+
+    /// The socket, and what the upstream sent after its head (frames it pushed at once).
+    pub(crate) fn into_socket(self) -> (TcpStream, Bytes) {
+        let leftover = Bytes::copy_from_slice(&self.buf);
+        (self.io, leftover)
     }
 }
 
@@ -274,7 +324,7 @@ pub(super) async fn send(
         if let Err(e) = conn.write_request(body, framing).await {
             return Err(Failure::Unanswered(Some(e)));
         }
-        conn.read_head(head_request).await
+        conn.read_head(head_request, false).await
     };
     let result = match tokio::time::timeout(response_timeout, exchange).await {
         Err(_) => return Err(EdgeError::new(ErrorKind::UpstreamTimeout, "response head")),
@@ -296,7 +346,7 @@ pub(super) async fn send(
                 if let Err(e) = conn.io.write_all(&conn.out).await {
                     return Err(Failure::Io(e));
                 }
-                conn.read_head(head_request).await
+                conn.read_head(head_request, false).await
             };
             match tokio::time::timeout(response_timeout, retry).await {
                 Err(_) => return Err(EdgeError::new(ErrorKind::UpstreamTimeout, "response head")),
@@ -343,6 +393,34 @@ fn encode_request(
     info: &ForwardInfo<'_>,
     framing: RequestFraming,
 ) {
+    encode_head(
+        out,
+        parts,
+        names,
+        route,
+        info,
+        |_| false,
+        |out| match framing {
+            RequestFraming::None => {}
+            RequestFraming::Length(n) => {
+                let _ = write!(out, "content-length: {n}\r\n");
+            }
+            RequestFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        },
+    );
+}
+
+/// [`encode_request`]'s head writer: `skip` drops more of the browser's headers, `tail` adds
+/// the last lines (framing, or the upgrade's) before the blank line.
+fn encode_head(
+    out: &mut Vec<u8>,
+    parts: &Parts,
+    names: &[&str; 2],
+    route: &RouteEntry,
+    info: &ForwardInfo<'_>,
+    skip: impl Fn(&HeaderName) -> bool,
+    tail: impl FnOnce(&mut Vec<u8>),
+) {
     out.clear();
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
@@ -352,7 +430,7 @@ fn encode_request(
     let tokens = ConnectionTokens::of(parts.headers.get_all(header::CONNECTION).iter());
     let mut cookies_done = false;
     for (name, value) in &parts.headers {
-        if !super::request_header_forwarded(name) || tokens.names(name) {
+        if !super::request_header_forwarded(name) || tokens.names(name) || skip(name) {
             continue;
         }
         if name == header::HOST || name == header::CONTENT_LENGTH || name == header::EXPECT {
@@ -398,13 +476,7 @@ fn encode_request(
     out.extend_from_slice(b"x-request-id: ");
     info.request_id.write_to(out);
     out.extend_from_slice(b"\r\n");
-    match framing {
-        RequestFraming::None => {}
-        RequestFraming::Length(n) => {
-            let _ = write!(out, "content-length: {n}\r\n");
-        }
-        RequestFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
-    }
+    tail(out);
     out.extend_from_slice(b"\r\n");
 }
 
@@ -419,7 +491,11 @@ fn line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 /// and rewrites its headers for the browser (the same rules as
 /// [`super::rewrite_response_headers`]). `None`: not complete yet. Header values are slices of
 /// the read buffer, not copies.
-fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, ProtoError> {
+fn parse_head(
+    buf: &mut BytesMut,
+    head_request: bool,
+    upgrade: bool,
+) -> Result<Option<Head>, ProtoError> {
     loop {
         // (name start, name end, value start, value end) of each header, as offsets in `buf`
         // (a head is at most `MAX_HEAD` bytes, so they fit in `u16`: a small array to clear).
@@ -453,7 +529,7 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Pr
                 Err(_) => return Err(ProtoError("malformed head")),
             }
         };
-        if (100..200).contains(&code) {
+        if (100..200).contains(&code) && !(upgrade && code == 101) {
             if code == 101 {
                 return Err(ProtoError("unexpected protocol switch"));
             }
@@ -510,8 +586,10 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Pr
                 .map_err(|_| ProtoError("header value"))?;
             headers.append(name, value);
         }
-        let no_body =
-            head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
+        let no_body = head_request
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED
+            || status == StatusCode::SWITCHING_PROTOCOLS;
         let framing = if no_body {
             ResponseFraming::Empty
         } else if transfer_encoding {
@@ -818,7 +896,7 @@ mod tests {
         let mut buf = BytesMut::from(wire);
         // As the browser gets it: the pipeline adds the security headers to every response.
         let security = crate::respond::Security::new(csp());
-        Ok(parse_head(&mut buf, head_request)?.map(|mut h| {
+        Ok(parse_head(&mut buf, head_request, false)?.map(|mut h| {
             security.harden(&mut h.headers);
             (h, buf)
         }))

@@ -35,6 +35,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+pub(crate) use h1::Conn;
 pub use h1::{Affinity, UpstreamBody};
 
 use body::EdgeBody;
