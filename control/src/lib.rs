@@ -5,8 +5,8 @@
 //! Layout:
 //! - [`api`]: the router and its handlers (`notebooks`, `configs`, `iam`, `internal`, `ops`),
 //!   and the generated OpenAPI document.
-//! - [`auth`]: API keys (hashed), the member principal extractor, the edge's internal token,
-//!   per-key rate limiting.
+//! - [`auth`]: API keys (hashed), the member principal extractor, the edge's internal token.
+//! - [`limit`]: per-key rate limiting.
 //! - [`store`]: the sqlx `Any` pool on SQLite or PostgreSQL, the embedded migrations, and
 //!   every query, by table (the only place with SQL).
 //! - [`error`]: `ApiError` (the one error shape of the API) and `ControlError`.
@@ -27,6 +27,7 @@ pub mod auth;
 pub mod error;
 pub mod extract;
 pub mod lifecycle;
+pub mod limit;
 pub mod model;
 pub mod state;
 pub mod store;
@@ -92,7 +93,7 @@ impl ControlPlane {
             runtime,
             signer,
             internal_token,
-            limiter: auth::RateLimiter::new(settings.control.rate_limit_per_second),
+            limiter: limit::RateLimiter::new(settings.control.rate_limit_per_second),
             metrics: Metrics::new(),
             routes_changed: tokio::sync::Notify::new(),
             driver: lifecycle::Driver::default(),

@@ -14,8 +14,8 @@ use prometheus::{
 };
 use tokio::sync::Notify;
 
-use crate::auth::RateLimiter;
 use crate::lifecycle::Driver;
+use crate::limit::RateLimiter;
 use crate::store::Db;
 use crate::tokens::Signer;
 
