@@ -9,7 +9,8 @@
 //! and one task.
 //!
 //! The edge owns the upstream TCP connection and writes the HTTP/1.1 upgrade request itself
-//! (no WebSocket library, no extensions negotiated: frames pass through unchanged). Browsers
+//! ([`handshake`], with `forward`'s HTTP/1.1 connection, head writer and head parser; no
+//! WebSocket library, no extensions negotiated: frames pass through unchanged). Browsers
 //! reach it either way: an HTTP/1.1 `Upgrade`, or on HTTP/2 an extended `CONNECT` (RFC 8441)
 //! whose stream then carries the same frames; the upstream leg is HTTP/1.1 in both cases. It parses
 //! frame *headers* as bytes stream past, never payloads, to
@@ -18,6 +19,9 @@
 //! - know frame boundaries, the only places where it may inject its own frames: pings to the
 //!   browser, and close frames (1011 when the upstream vanished, 1008 when the member's access
 //!   was revoked, 1001 on shutdown or idle timeout).
+//!
+//! Files: [`handshake`] (the upgrade), [`relay`] (both directions of a socket, the buffer pool,
+//! the edge's own frames), [`frame`] (the frame-header codec).
 
 mod frame;
 mod handshake;
