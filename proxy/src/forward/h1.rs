@@ -40,7 +40,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::chunked::{self, Step};
-use super::{ConnectionTokens, ForwardInfo};
+use super::headers::{self as rules, ConnectionTokens, ForwardInfo};
 use crate::error::{EdgeError, ErrorKind};
 use crate::route::RouteEntry;
 
@@ -430,7 +430,7 @@ fn encode_head(
     let tokens = ConnectionTokens::of(parts.headers.get_all(header::CONNECTION).iter());
     let mut cookies_done = false;
     for (name, value) in &parts.headers {
-        if !super::request_header_forwarded(name) || tokens.names(name) || skip(name) {
+        if !rules::request_header_forwarded(name) || tokens.names(name) || skip(name) {
             continue;
         }
         if name == header::HOST || name == header::CONTENT_LENGTH || name == header::EXPECT {
@@ -442,7 +442,7 @@ fn encode_head(
                 let start = out.len();
                 out.extend_from_slice(b"cookie: ");
                 let first = out.len();
-                super::for_each_kept_cookie(&parts.headers, names, |pair| {
+                rules::for_each_kept_cookie(&parts.headers, names, |pair| {
                     if out.len() > first {
                         out.extend_from_slice(b"; ");
                     }
@@ -461,8 +461,8 @@ fn encode_head(
     line(out, b"authorization", route.upstream_auth.as_bytes());
     line(
         out,
-        super::NOTEBOOK_ID_HEADER.as_str().as_bytes(),
-        super::OWN_FILE_KEY.as_bytes(),
+        rules::NOTEBOOK_ID_HEADER.as_str().as_bytes(),
+        rules::OWN_FILE_KEY.as_bytes(),
     );
     line(out, b"x-forwarded-for", info.forwarded_for.as_bytes());
     line(out, b"x-forwarded-proto", info.proto.as_bytes());
@@ -579,7 +579,7 @@ fn parse_head(
                     None => length = Some(n),
                 }
             }
-            if !super::response_header_forwarded(&name, value) || tokens.names(&name) {
+            if !rules::response_header_forwarded(&name, value) || tokens.names(&name) {
                 continue;
             }
             let value = HeaderValue::from_maybe_shared(head.slice(vs..ve))
