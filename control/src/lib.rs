@@ -13,7 +13,8 @@
 //! - [`extract`]: the JSON body, list parameter and path id extractors.
 //! - [`lifecycle`]: the state machine, the runtime driver, the monitor, reconciliation.
 //! - [`model`]: the API's JSON shapes, field for field as the seed document shows them.
-//! - [`state`]: the shared state and the Prometheus metrics.
+//! - [`state`]: the shared state of the handlers (it holds the lifecycle service).
+//! - [`metrics`]: the Prometheus metrics.
 //! - [`tokens`]: the Ed25519 URL-token signer and its key files.
 //!
 //! Architecture invariants: this crate never depends on `marina-proxy` (they share only
@@ -28,6 +29,7 @@ pub mod error;
 pub mod extract;
 pub mod lifecycle;
 pub mod limit;
+pub mod metrics;
 pub mod model;
 pub mod state;
 pub mod store;
@@ -43,7 +45,8 @@ use marina_runtime::Runtime;
 pub use error::{ApiError, ControlError};
 pub use state::AppState;
 
-use crate::state::{Inner, Metrics};
+use crate::metrics::Metrics;
+use crate::state::Inner;
 use crate::store::Db;
 
 /// What the start that found an empty database created.
@@ -87,6 +90,15 @@ impl ControlPlane {
         };
 
         let bootstrap = Self::bootstrap_if_empty(&db, settings).await?;
+        let metrics = Arc::new(Metrics::new());
+        let routes_changed = Arc::new(tokio::sync::Notify::new());
+        let lifecycle = lifecycle::Lifecycle::new(
+            db.clone(),
+            runtime.clone(),
+            settings.clone(),
+            metrics.clone(),
+            routes_changed.clone(),
+        );
         let state = AppState(Arc::new(Inner {
             db,
             settings: settings.clone(),
@@ -94,10 +106,9 @@ impl ControlPlane {
             signer,
             internal_token,
             limiter: limit::RateLimiter::new(settings.control.rate_limit_per_second),
-            metrics: Metrics::new(),
-            routes_changed: tokio::sync::Notify::new(),
-            driver: lifecycle::Driver::default(),
-            instance_id: format!("{}-{}", std::process::id(), Id::random()),
+            metrics,
+            routes_changed,
+            lifecycle,
         }));
         Ok(ControlPlane { state, bootstrap })
     }
@@ -153,18 +164,18 @@ impl ControlPlane {
         let lease_ms = (state.settings.control.monitor_interval_ms as i64 * 5).max(2000);
         match state
             .db
-            .try_lease("monitor", &state.instance_id, lease_ms)
+            .try_lease("monitor", &state.lifecycle.instance_id, lease_ms)
             .await
         {
             Ok(true) => {
-                if let Err(e) = lifecycle::reconcile_at_start(&state).await {
+                if let Err(e) = state.lifecycle.reconcile_at_start().await {
                     tracing::error!(error = %e, "reconciling with the runtime at start-up");
                 }
             }
             Ok(false) => tracing::info!("another control replica runs the monitor"),
             Err(e) => tracing::warn!(error = %e, "monitor lease"),
         }
-        let task = tokio::spawn(lifecycle::run_monitor(state, rx));
+        let task = tokio::spawn(state.lifecycle.clone().run_monitor(rx));
         BackgroundGuard {
             stop: Some(tx),
             task: Some(task),

@@ -12,7 +12,6 @@ use serde::Deserialize;
 use crate::auth::Edge;
 use crate::error::ApiError;
 use crate::extract::Json;
-use crate::lifecycle;
 use crate::state::AppState;
 use crate::store::now_ms;
 
@@ -87,7 +86,7 @@ pub async fn activity_post(
     if batch.notebooks.len() > 100_000 {
         return Err(ApiError::invalid("notebooks", "at most 100000 entries"));
     }
-    lifecycle::record_activity(&state, &batch).await?;
+    state.lifecycle.record_activity(&batch).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

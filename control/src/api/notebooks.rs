@@ -18,7 +18,6 @@ use crate::api::access::{ManagedNotebook, VisibleNotebook};
 use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::extract::{path_id, Json, ListParams};
-use crate::lifecycle;
 use crate::model::*;
 use crate::state::AppState;
 use crate::store::notebooks::{self as store, Changes, NewNotebook};
@@ -247,7 +246,7 @@ pub async fn notebooks_delete(
     State(state): State<AppState>,
     access: ManagedNotebook,
 ) -> Result<StatusCode, ApiError> {
-    lifecycle::delete(&state, &access.notebook).await?;
+    state.lifecycle.delete(&access.notebook).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -261,9 +260,7 @@ pub async fn notebooks_start(
     access: ManagedNotebook,
 ) -> Result<AxumJson<Notebook>, ApiError> {
     let by = access.principal.member_id;
-    Ok(AxumJson(
-        lifecycle::start(&state, &access.notebook, by).await?,
-    ))
+    Ok(AxumJson(state.lifecycle.start(&access.notebook, by).await?))
 }
 
 /// Stop: `starting`/`running`/`idle`/`detached` → `stopping`.
@@ -277,7 +274,10 @@ pub async fn notebooks_stop(
 ) -> Result<AxumJson<Notebook>, ApiError> {
     let by = access.principal.member_id;
     Ok(AxumJson(
-        lifecycle::stop(&state, &access.notebook, Some(by), None).await?,
+        state
+            .lifecycle
+            .stop(&access.notebook, Some(by), None)
+            .await?,
     ))
 }
 
@@ -339,7 +339,7 @@ pub async fn notebooks_ping(
     if !nb.status.is_up() {
         return Err(not_running(&nb));
     }
-    if !lifecycle::record_ping(&state, id).await? {
+    if !state.lifecycle.record_ping(id).await? {
         // It stopped between the read and the write.
         let nb = fetch_by_id(&state, id).await?;
         return Err(not_running(&nb));

@@ -36,17 +36,126 @@ mod reconcile;
 mod transitions;
 
 use std::collections::HashMap;
+use std::ops::Deref;
 use std::sync::{Arc, Mutex};
 
-use marina_config::Id;
+use marina_config::wire::ActivityBatch;
+use marina_config::{Id, Settings};
+use marina_runtime::Runtime;
+use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 
 use crate::error::{ApiError, StoreError};
-use crate::model::Status;
+use crate::metrics::Metrics;
+use crate::model::{Notebook, Status};
+use crate::store::Db;
 
-pub use monitor::{health_tick, monitor_tick, redrive_stuck, run_monitor};
-pub use reconcile::reconcile_at_start;
-pub use transitions::{delete, record_activity, record_ping, start, stop};
+/// The lifecycle service: what the transitions, the driver's tasks and the monitor need, and
+/// nothing of the HTTP side. Cheap to clone (one `Arc`); background tasks hold a clone.
+#[derive(Clone)]
+pub struct Lifecycle(Arc<Parts>);
+
+/// What the service is made of.
+pub struct Parts {
+    pub db: Db,
+    pub runtime: Arc<dyn Runtime>,
+    pub settings: Settings,
+    pub metrics: Arc<Metrics>,
+    /// Woken when a transition bumps the routes version (shared with the routes long poll).
+    pub routes_changed: Arc<Notify>,
+    driver: Driver,
+    /// Identifies this process in the monitor lease.
+    pub instance_id: String,
+}
+
+impl Deref for Lifecycle {
+    type Target = Parts;
+    fn deref(&self) -> &Parts {
+        &self.0
+    }
+}
+
+impl Lifecycle {
+    pub fn new(
+        db: Db,
+        runtime: Arc<dyn Runtime>,
+        settings: Settings,
+        metrics: Arc<Metrics>,
+        routes_changed: Arc<Notify>,
+    ) -> Lifecycle {
+        Lifecycle(Arc::new(Parts {
+            db,
+            runtime,
+            settings,
+            metrics,
+            routes_changed,
+            driver: Driver::default(),
+            instance_id: format!("{}-{}", std::process::id(), Id::random()),
+        }))
+    }
+
+    /// Seconds a detached notebook lives, as rendered in every notebook.
+    fn detached_timeout(&self) -> i64 {
+        self.settings.control.detached_timeout_seconds as i64
+    }
+
+    /// `stopped`/`failed` → `starting` with a new session id, then drives the start in the
+    /// background. Returns the notebook as the transition left it.
+    pub async fn start(&self, nb: &Notebook, by: Id) -> Result<Notebook, LifecycleError> {
+        transitions::start(self, nb, by).await
+    }
+
+    /// `starting`/`running`/`idle`/`detached` → `stopping`, then tears down in the background.
+    /// `by` is the member who asked (none for the monitor); `message` becomes `statusMessage`.
+    pub async fn stop(
+        &self,
+        nb: &Notebook,
+        by: Option<Id>,
+        message: Option<String>,
+    ) -> Result<Notebook, LifecycleError> {
+        transitions::stop(self, nb, by, message).await
+    }
+
+    /// Deletes a notebook, stopping whatever runs for it first.
+    pub async fn delete(&self, nb: &Notebook) -> Result<(), LifecycleError> {
+        transitions::delete(self, nb).await
+    }
+
+    /// A ping; false when the notebook is not up any more.
+    pub async fn record_ping(&self, id: Id) -> Result<bool, LifecycleError> {
+        transitions::record_ping(self, id).await
+    }
+
+    /// An edge's activity batch.
+    pub async fn record_activity(&self, batch: &ActivityBatch) -> Result<(), LifecycleError> {
+        transitions::record_activity(self, batch).await
+    }
+
+    /// Runs the monitor until `shutdown` fires.
+    pub async fn run_monitor(self, shutdown: tokio::sync::watch::Receiver<bool>) {
+        monitor::run_monitor(self, shutdown).await
+    }
+
+    /// One monitor pass (running/idle/detached, timeouts, gauges).
+    pub async fn monitor_tick(&self) -> Result<(), LifecycleError> {
+        monitor::monitor_tick(self).await
+    }
+
+    /// Health checks of every up notebook.
+    pub async fn health_tick(&self) -> Result<(), LifecycleError> {
+        monitor::health_tick(self).await
+    }
+
+    /// Drives again the transitions whose driver is gone.
+    pub async fn redrive_stuck(&self) -> Result<(), LifecycleError> {
+        monitor::redrive_stuck(self).await
+    }
+
+    /// After a (re)start: adopt what still runs, settle the rest.
+    pub async fn reconcile_at_start(&self) -> Result<(), LifecycleError> {
+        reconcile::reconcile_at_start(self).await
+    }
+}
 
 /// Why a lifecycle call failed.
 #[derive(Debug, thiserror::Error)]
@@ -95,7 +204,7 @@ pub const PING_PRESENCE_MS: i64 = 90_000;
 
 /// Per-notebook serialisation of runtime calls in this process.
 #[derive(Default)]
-pub struct Driver {
+struct Driver {
     /// Short critical sections (map lookups); never held across `.await`.
     ops: Mutex<HashMap<Id, Arc<NotebookOps>>>,
 }

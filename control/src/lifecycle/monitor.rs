@@ -11,9 +11,9 @@ use marina_runtime::Health;
 
 use super::driver::{mark_failed, spawn_start, spawn_stop};
 use super::transitions::{sail_config, stop};
+use super::Lifecycle;
 use super::{LifecycleError, PING_PRESENCE_MS};
 use crate::model::Status;
-use crate::state::AppState;
 use crate::store::notebooks as store;
 use crate::store::now_ms;
 
@@ -21,8 +21,8 @@ use crate::store::now_ms;
 const MONITOR_LEASE: &str = "monitor";
 
 /// Runs the monitor until `shutdown` fires.
-pub async fn run_monitor(state: AppState, mut shutdown: tokio::sync::watch::Receiver<bool>) {
-    let interval_ms = state.settings.control.monitor_interval_ms.max(50);
+pub(super) async fn run_monitor(lc: Lifecycle, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let interval_ms = lc.settings.control.monitor_interval_ms.max(50);
     let lease_ms = (interval_ms as i64 * 5).max(2000);
     let mut ticker = tokio::time::interval(Duration::from_millis(interval_ms));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -36,9 +36,9 @@ pub async fn run_monitor(state: AppState, mut shutdown: tokio::sync::watch::Rece
             _ = ticker.tick() => {}
             _ = shutdown.changed() => return,
         }
-        match state
+        match lc
             .db
-            .try_lease(MONITOR_LEASE, &state.instance_id, lease_ms)
+            .try_lease(MONITOR_LEASE, &lc.instance_id, lease_ms)
             .await
         {
             Ok(true) => {}
@@ -48,19 +48,19 @@ pub async fn run_monitor(state: AppState, mut shutdown: tokio::sync::watch::Rece
                 continue;
             }
         }
-        if let Err(e) = monitor_tick(&state).await {
+        if let Err(e) = monitor_tick(&lc).await {
             tracing::warn!(error = %e, "monitor tick");
         }
         if tick % health_every == health_every - 1 {
-            if let Err(e) = health_tick(&state).await {
+            if let Err(e) = health_tick(&lc).await {
                 tracing::warn!(error = %e, "health checks");
             }
-            if let Err(e) = redrive_stuck(&state).await {
+            if let Err(e) = redrive_stuck(&lc).await {
                 tracing::warn!(error = %e, "re-driving stuck transitions");
             }
         }
         if tick % housekeeping_every == housekeeping_every - 1 {
-            if let Err(e) = housekeeping(&state).await {
+            if let Err(e) = housekeeping(&lc).await {
                 tracing::warn!(error = %e, "housekeeping");
             }
         }
@@ -69,14 +69,14 @@ pub async fn run_monitor(state: AppState, mut shutdown: tokio::sync::watch::Rece
 }
 
 /// One pass: compute running/idle/detached, stop what timed out, refresh the gauges.
-pub async fn monitor_tick(state: &AppState) -> Result<(), LifecycleError> {
+pub(super) async fn monitor_tick(lc: &Lifecycle) -> Result<(), LifecycleError> {
     let now = now_ms();
-    let settings = &state.settings;
+    let settings = &lc.settings;
     // An edge that stopped reporting (crashed, scaled down) no longer counts after a few of
     // its intervals.
     let edge_expiry = (settings.proxy.activity_interval_ms as i64 * 5)
         .max(settings.control.monitor_interval_ms as i64 * 3);
-    let rows = store::up_for_monitor(&state.db, now - edge_expiry).await?;
+    let rows = store::up_for_monitor(&lc.db, now - edge_expiry).await?;
     let idle_after = settings.control.idle_after_seconds as i64 * 1000;
     let detached_timeout = settings.control.detached_timeout_seconds as i64 * 1000;
     for row in rows {
@@ -96,7 +96,7 @@ pub async fn monitor_tick(state: &AppState) -> Result<(), LifecycleError> {
         let active_ref = last_active.max(running_since).unwrap_or(now);
         if idle_timeout > 0 && now - active_ref >= idle_timeout {
             stop_by_monitor(
-                state,
+                lc,
                 id,
                 "idle_stop",
                 format!(
@@ -123,7 +123,7 @@ pub async fn monitor_tick(state: &AppState) -> Result<(), LifecycleError> {
             };
             if now - since >= detached_timeout {
                 stop_by_monitor(
-                    state,
+                    lc,
                     id,
                     "detached_stop",
                     format!(
@@ -137,21 +137,21 @@ pub async fn monitor_tick(state: &AppState) -> Result<(), LifecycleError> {
         }
         if desired != status {
             let since = (desired == Status::Detached).then_some(now);
-            store::set_presence(&state.db, id, session, status, desired, since).await?;
+            store::set_presence(&lc.db, id, session, status, desired, since).await?;
         }
     }
-    refresh_gauges(state).await?;
+    refresh_gauges(lc).await?;
     Ok(())
 }
 
-async fn stop_by_monitor(state: &AppState, id: Id, event: &str, message: String) {
-    let nb = match store::fetch(&state.db, id, state.detached_timeout()).await {
+async fn stop_by_monitor(lc: &Lifecycle, id: Id, event: &str, message: String) {
+    let nb = match store::fetch(&lc.db, id, lc.detached_timeout()).await {
         Ok(Some(nb)) => nb,
         Ok(None) | Err(_) => return,
     };
-    match stop(state, &nb, None, Some(message)).await {
+    match stop(lc, &nb, None, Some(message)).await {
         Ok(_) => {
-            state.metrics.event(event);
+            lc.metrics.event(event);
             tracing::info!(notebook = %id, reason = event, "monitor stopped a notebook");
         }
         // It moved on its own (stopped by a user meanwhile): nothing to do.
@@ -160,61 +160,59 @@ async fn stop_by_monitor(state: &AppState, id: Id, event: &str, message: String)
     }
 }
 
-async fn refresh_gauges(state: &AppState) -> Result<(), LifecycleError> {
-    let counts = store::count_by_status(&state.db).await?;
+async fn refresh_gauges(lc: &Lifecycle) -> Result<(), LifecycleError> {
+    let counts = store::count_by_status(&lc.db).await?;
     for s in Status::ALL {
-        state
-            .metrics
+        lc.metrics
             .notebooks
             .with_label_values(&[s.as_str()])
             .set(counts.get(s.as_str()).copied().unwrap_or(0));
     }
-    state
-        .metrics
+    lc.metrics
         .routes_version
-        .set(state.db.route_version().await? as i64);
+        .set(lc.db.route_version().await? as i64);
     Ok(())
 }
 
 /// Finds starts and stops whose driver is gone (its control replica died mid-way) and drives
 /// them again. A start is overdue after all its attempts could have timed out, plus a margin;
 /// a stop after two minutes. Transitions this process is still driving are left alone.
-pub async fn redrive_stuck(state: &AppState) -> Result<(), LifecycleError> {
+pub(super) async fn redrive_stuck(lc: &Lifecycle) -> Result<(), LifecycleError> {
     let now = now_ms();
-    let rows = store::in_transition(&state.db).await?;
-    let attempt_ms = state.settings.control.start_timeout_seconds.max(1) as i64 * 1000;
+    let rows = store::in_transition(&lc.db).await?;
+    let attempt_ms = lc.settings.control.start_timeout_seconds.max(1) as i64 * 1000;
     for row in rows {
         let id = row.id;
         let since = row.since;
-        if state.driver.busy(id) {
+        if lc.driver.busy(id) {
             continue;
         }
         if row.status == Status::Stopping {
             if now - since > 120_000 {
                 tracing::warn!(notebook = %id, "re-driving a stop whose driver is gone");
-                state.metrics.event("redriven");
-                spawn_stop(state, id);
+                lc.metrics.event("redriven");
+                spawn_stop(lc, id);
             }
             continue;
         }
         let Some(session) = row.session else {
             continue;
         };
-        let sail = sail_config(state, row.workload_config_id).await?;
+        let sail = sail_config(lc, row.workload_config_id).await?;
         let overdue = attempt_ms * (sail.max_retries.max(1) as i64 + 1) + 30_000;
         if now - since > overdue {
             tracing::warn!(notebook = %id, "re-driving a start whose driver is gone");
-            state.metrics.event("redriven");
-            spawn_start(state, id, session, sail);
+            lc.metrics.event("redriven");
+            spawn_start(lc, id, session, sail);
         }
     }
     Ok(())
 }
 
 /// Asks the runtime about every up notebook; dead ones become `failed` with the reason.
-pub async fn health_tick(state: &AppState) -> Result<(), LifecycleError> {
-    for (id, session) in store::up_sessions(&state.db).await? {
-        let reason = match state.runtime.health(id).await {
+pub(super) async fn health_tick(lc: &Lifecycle) -> Result<(), LifecycleError> {
+    for (id, session) in store::up_sessions(&lc.db).await? {
+        let reason = match lc.runtime.health(id).await {
             Ok(Health::Healthy) | Ok(Health::Pending) => continue,
             Ok(Health::Failed(why)) => why,
             Ok(Health::Missing) => "the notebook's servers are gone".to_owned(),
@@ -223,15 +221,15 @@ pub async fn health_tick(state: &AppState) -> Result<(), LifecycleError> {
                 continue;
             }
         };
-        if mark_failed(state, id, session, Status::Running, &reason).await? {
-            state.metrics.event("health_failed");
+        if mark_failed(lc, id, session, Status::Running, &reason).await? {
+            lc.metrics.event("health_failed");
             tracing::warn!(notebook = %id, reason = %reason, "notebook failed its health check");
             // Clean up whatever is left, serialised with other runtime calls.
-            let ops = state.driver.ops(id);
-            let state = state.clone();
+            let ops = lc.driver.ops(id);
+            let lc = lc.clone();
             tokio::spawn(async move {
                 let _serial = ops.lock.lock().await;
-                let _ = state.runtime.stop(id).await;
+                let _ = lc.runtime.stop(id).await;
             });
         }
     }
@@ -239,13 +237,13 @@ pub async fn health_tick(state: &AppState) -> Result<(), LifecycleError> {
 }
 
 /// Forgets expired one-time tokens and edges gone for an hour; sweeps runtime orphans.
-async fn housekeeping(state: &AppState) -> Result<(), LifecycleError> {
-    crate::store::edges::forget_expired(&state.db).await?;
+async fn housekeeping(lc: &Lifecycle) -> Result<(), LifecycleError> {
+    crate::store::edges::forget_expired(&lc.db).await?;
     // Anything the runtime runs that the store does not expect (a deleted notebook whose stop
     // failed, a crash mid-start) is torn down. Starting notebooks are expected (no endpoint
     // yet) so an attempt in flight is left alone.
-    let expected = store::expected(&state.db, true).await?;
-    if let Err(e) = state.runtime.reconcile(&expected).await {
+    let expected = store::expected(&lc.db, true).await?;
+    if let Err(e) = lc.runtime.reconcile(&expected).await {
         tracing::warn!(error = %e, "periodic reconcile");
     }
     Ok(())

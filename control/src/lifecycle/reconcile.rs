@@ -3,18 +3,18 @@
 
 use super::driver::{spawn_start, spawn_stop};
 use super::transitions::sail_config;
+use super::Lifecycle;
 use super::LifecycleError;
 use crate::model::Status;
-use crate::state::AppState;
 use crate::store::notebooks as store;
 
 /// After a (re)start of the control plane: adopt what still runs, settle the rest.
 /// - up notebooks the runtime still has stay up; the others become `stopped`;
 /// - `starting` ones are driven again (a new attempt in the same session);
 /// - `stopping` ones are stopped again (idempotent) and become `stopped`.
-pub async fn reconcile_at_start(state: &AppState) -> Result<(), LifecycleError> {
-    let up = store::expected(&state.db, false).await?;
-    let adopted = state
+pub(super) async fn reconcile_at_start(lc: &Lifecycle) -> Result<(), LifecycleError> {
+    let up = store::expected(&lc.db, false).await?;
+    let adopted = lc
         .runtime
         .reconcile(&up)
         .await
@@ -26,23 +26,23 @@ pub async fn reconcile_at_start(state: &AppState) -> Result<(), LifecycleError> 
         if adopted.contains(&e.notebook_id) {
             continue;
         }
-        store::mark_gone_after_restart(&state.db, e.notebook_id, e.session_id).await?;
+        store::mark_gone_after_restart(&lc.db, e.notebook_id, e.session_id).await?;
         tracing::info!(notebook = %e.notebook_id, "not running after restart: stopped");
     }
-    for row in store::in_transition(&state.db).await? {
+    for row in store::in_transition(&lc.db).await? {
         let id = row.id;
         if row.status == Status::Stopping {
             tracing::info!(notebook = %id, "resuming an interrupted stop");
-            spawn_stop(state, id);
+            spawn_stop(lc, id);
             continue;
         }
         let Some(session) = row.session else {
             continue;
         };
-        let sail = sail_config(state, row.workload_config_id).await?;
+        let sail = sail_config(lc, row.workload_config_id).await?;
         tracing::info!(notebook = %id, "resuming an interrupted start");
-        spawn_start(state, id, session, sail);
+        spawn_start(lc, id, session, sail);
     }
-    state.routes_changed.notify_waiters();
+    lc.routes_changed.notify_waiters();
     Ok(())
 }

@@ -9,9 +9,9 @@ use marina_config::workload::SailConfig;
 use marina_config::Id;
 
 use super::driver::{spawn_start, spawn_stop};
+use super::Lifecycle;
 use super::LifecycleError;
 use crate::model::{Notebook, Status};
-use crate::state::AppState;
 use crate::store::notebooks as store;
 
 fn invalid_state(action: &'static str, status: Status, allowed: &'static str) -> LifecycleError {
@@ -22,15 +22,15 @@ fn invalid_state(action: &'static str, status: Status, allowed: &'static str) ->
     }
 }
 
-async fn current_status(state: &AppState, id: Id) -> Result<Option<Status>, LifecycleError> {
-    Ok(store::status(&state.db, id).await?)
+async fn current_status(lc: &Lifecycle, id: Id) -> Result<Option<Status>, LifecycleError> {
+    Ok(store::status(&lc.db, id).await?)
 }
 
 pub(super) async fn sail_config(
-    state: &AppState,
+    lc: &Lifecycle,
     config_id: Id,
 ) -> Result<SailConfig, LifecycleError> {
-    let config = crate::store::configs::config_json(&state.db, config_id).await?;
+    let config = crate::store::configs::config_json(&lc.db, config_id).await?;
     let body: crate::model::WorkloadConfigBody =
         serde_json::from_str(&config).map_err(|e| LifecycleError::Config {
             id: config_id,
@@ -42,33 +42,35 @@ pub(super) async fn sail_config(
 /// `stopped`/`failed` → `starting` with a new session id, then drives the start in the
 /// background. Returns the notebook as the transition left it (the driver may have moved on
 /// by the time the caller looks again).
-pub async fn start(state: &AppState, nb: &Notebook, by: Id) -> Result<Notebook, LifecycleError> {
-    let sail = sail_config(state, nb.workload_config_id).await?;
+pub(super) async fn start(
+    lc: &Lifecycle,
+    nb: &Notebook,
+    by: Id,
+) -> Result<Notebook, LifecycleError> {
+    let sail = sail_config(lc, nb.workload_config_id).await?;
     let session = Id::random();
-    let started =
-        store::begin_start(&state.db, nb.id, session, by, state.detached_timeout()).await?;
+    let started = store::begin_start(&lc.db, nb.id, session, by, lc.detached_timeout()).await?;
     let Some(started) = started else {
-        let status = current_status(state, nb.id)
+        let status = current_status(lc, nb.id)
             .await?
             .ok_or(LifecycleError::NotFound)?;
         return Err(invalid_state("start", status, "stopped or failed"));
     };
-    spawn_start(state, nb.id, session, sail);
+    spawn_start(lc, nb.id, session, sail);
     Ok(started)
 }
 
 /// `starting`/`running`/`idle`/`detached` → `stopping`, then tears down in the background.
 /// `by` is the member who asked (none for the monitor); `message` becomes `statusMessage`.
-pub async fn stop(
-    state: &AppState,
+pub(super) async fn stop(
+    lc: &Lifecycle,
     nb: &Notebook,
     by: Option<Id>,
     message: Option<String>,
 ) -> Result<Notebook, LifecycleError> {
-    let stopping =
-        store::begin_stop(&state.db, nb.id, by, message, state.detached_timeout()).await?;
+    let stopping = store::begin_stop(&lc.db, nb.id, by, message, lc.detached_timeout()).await?;
     let Some(stopping) = stopping else {
-        let status = current_status(state, nb.id)
+        let status = current_status(lc, nb.id)
             .await?
             .ok_or(LifecycleError::NotFound)?;
         return Err(invalid_state(
@@ -77,22 +79,22 @@ pub async fn stop(
             "starting, running, idle or detached",
         ));
     };
-    state.routes_changed.notify_waiters();
-    spawn_stop(state, nb.id);
+    lc.routes_changed.notify_waiters();
+    spawn_stop(lc, nb.id);
     Ok(stopping)
 }
 
 /// Deletes a notebook, stopping whatever runs for it first. The rows go in one transaction;
 /// the runtime's leftovers, if its stop failed, are swept by the periodic reconcile.
-pub async fn delete(state: &AppState, nb: &Notebook) -> Result<(), LifecycleError> {
+pub(super) async fn delete(lc: &Lifecycle, nb: &Notebook) -> Result<(), LifecycleError> {
     if nb.status != Status::Stopped {
-        store::begin_delete(&state.db, nb.id).await?;
-        state.routes_changed.notify_waiters();
-        state.driver.abort_start(nb.id);
-        let ops = state.driver.ops(nb.id);
+        store::begin_delete(&lc.db, nb.id).await?;
+        lc.routes_changed.notify_waiters();
+        lc.driver.abort_start(nb.id);
+        let ops = lc.driver.ops(nb.id);
         let _serial = ops.lock.lock().await;
-        let timeout = Duration::from_secs(state.settings.control.start_timeout_seconds.max(1));
-        match tokio::time::timeout(timeout, state.runtime.stop(nb.id)).await {
+        let timeout = Duration::from_secs(lc.settings.control.start_timeout_seconds.max(1));
+        match tokio::time::timeout(timeout, lc.runtime.stop(nb.id)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 tracing::warn!(notebook = %nb.id, error = %e, "stopping a deleted notebook")
@@ -100,27 +102,26 @@ pub async fn delete(state: &AppState, nb: &Notebook) -> Result<(), LifecycleErro
             Err(_) => tracing::warn!(notebook = %nb.id, "stopping a deleted notebook timed out"),
         }
     }
-    store::delete(&state.db, nb.id).await?;
-    state.routes_changed.notify_waiters();
-    state.driver.forget(nb.id);
+    store::delete(&lc.db, nb.id).await?;
+    lc.routes_changed.notify_waiters();
+    lc.driver.forget(nb.id);
     Ok(())
 }
 
 /// A ping: activity and presence; idle/detached go straight back to running. False when the
 /// notebook is not up any more.
-pub async fn record_ping(state: &AppState, id: Id) -> Result<bool, LifecycleError> {
-    Ok(store::record_ping(&state.db, id).await?)
+pub(super) async fn record_ping(lc: &Lifecycle, id: Id) -> Result<bool, LifecycleError> {
+    Ok(store::record_ping(&lc.db, id).await?)
 }
 
 /// Records an edge's activity batch: its open connections replace its previous report, and
 /// activity moves `lastActiveAt` forward (never back) and wakes idle/detached notebooks.
-pub async fn record_activity(
-    state: &AppState,
+pub(super) async fn record_activity(
+    lc: &Lifecycle,
     batch: &marina_config::wire::ActivityBatch,
 ) -> Result<(), LifecycleError> {
-    crate::store::edges::record_activity(&state.db, batch).await?;
-    state
-        .metrics
+    crate::store::edges::record_activity(&lc.db, batch).await?;
+    lc.metrics
         .activity_batches
         .with_label_values(&[batch.edge_id.as_str()])
         .inc();
