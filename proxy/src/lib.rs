@@ -34,7 +34,10 @@
 //!      → uplink → route → activity → metrics → error
 //! ```
 //!
-//! Checked with `grep -rn '^use crate::' proxy/src` (each file's module against its imports).
+//! Inside a module the files form a line too (`forward`: `mod.rs` → `body` → `h1` → `headers`,
+//! `chunked`; `ws`: `handshake` → `relay` → `frame`; `uplink`: `feed`, `report` → `client`).
+//! The test below checks the line from the `use crate::` lines of every file (the same as
+//! `grep -rn '^use crate::' proxy/src`, each file's module against its imports).
 #![forbid(unsafe_code)]
 
 pub mod activity;
@@ -54,3 +57,76 @@ pub mod ws;
 
 pub use edge::Edge;
 pub use error::{EdgeError, ErrorKind, ProxyError};
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    /// The dependency order of the module doc, bottom first.
+    const ORDER: &[&str] = &[
+        "error",
+        "metrics",
+        "activity",
+        "route",
+        "uplink",
+        "authenticate",
+        "authorize",
+        "forward",
+        "ws",
+        "respond",
+        "admin",
+        "tls",
+        "pipeline",
+        "edge",
+    ];
+
+    fn rank(module: &str) -> usize {
+        ORDER
+            .iter()
+            .position(|m| *m == module)
+            .unwrap_or_else(|| panic!("module {module} is not in the dependency order"))
+    }
+
+    fn files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                files(&p, out);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                out.push(p);
+            }
+        }
+    }
+
+    #[test]
+    fn no_module_imports_one_above_it() {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut all = Vec::new();
+        files(&src, &mut all);
+        for path in all {
+            let rel = path.strip_prefix(&src).unwrap();
+            let first = rel.iter().next().unwrap().to_str().unwrap();
+            let module = first.strip_suffix(".rs").unwrap_or(first);
+            if module == "lib" {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            // Test modules may reach up (a forward test checks a response as the browser gets it).
+            let code = text.split("#[cfg(test)]").next().unwrap();
+            for line in code.lines() {
+                let Some(rest) = line.trim_start().strip_prefix("use crate::") else {
+                    continue;
+                };
+                let dep: String = rest
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                assert!(
+                    rank(&dep) <= rank(module),
+                    "{} ({module}) imports {dep}, which is above it",
+                    rel.display()
+                );
+            }
+        }
+    }
+}

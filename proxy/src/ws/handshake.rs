@@ -14,8 +14,34 @@ use crate::forward::body::EdgeBody;
 use crate::forward::{Conn, ForwardInfo};
 use crate::route::RouteEntry;
 
-use super::relay::run;
-use super::{Handshake, RelayCtx};
+use super::relay::{run, RelayCtx};
+
+/// How a browser asks for a WebSocket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Handshake {
+    /// HTTP/1.1: `GET` with `Upgrade: websocket`; answered `101`.
+    Upgrade,
+    /// HTTP/2 (RFC 8441): `CONNECT` with `:protocol = websocket` on one stream of a shared
+    /// connection; answered `200`, with no `Sec-WebSocket-Key`/`-Accept` pair.
+    ExtendedConnect,
+}
+
+/// Is this request a WebSocket handshake, and of which kind?
+pub fn handshake_kind<B>(req: &http::Request<B>) -> Option<Handshake> {
+    if req.version() == http::Version::HTTP_2 {
+        let websocket = req
+            .extensions()
+            .get::<hyper::ext::Protocol>()
+            .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"));
+        return (req.method() == http::Method::CONNECT && websocket)
+            .then_some(Handshake::ExtendedConnect);
+    }
+    req.headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+        .then_some(Handshake::Upgrade)
+}
 
 /// Performs the upgrade with the upstream, answers the browser's upgrade, and spawns the relay.
 ///

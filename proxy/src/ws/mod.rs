@@ -20,79 +20,14 @@
 //!   browser, and close frames (1011 when the upstream vanished, 1008 when the member's access
 //!   was revoked, 1001 on shutdown or idle timeout).
 //!
-//! Files: [`handshake`] (the upgrade), [`relay`] (both directions of a socket, the buffer pool,
-//! the edge's own frames), [`frame`] (the frame-header codec).
+//! Files, each importing only the ones after it: [`handshake`] (how a browser asks, the
+//! upgrade with the upstream), [`relay`] (its settings and context, both directions of a
+//! socket, the buffer pool, the edge's own frames and close codes), [`frame`] (the frame-header
+//! codec).
 
 mod frame;
 mod handshake;
 mod relay;
 
-use std::sync::Arc;
-use std::time::Duration;
-
-use http::header;
-use tokio::sync::watch;
-
-use crate::activity::{Activity, StreamGuard};
-use crate::authenticate::Identity;
-use crate::metrics::Metrics;
-use crate::route::RouteTable;
-
-pub use handshake::upgrade;
-pub use relay::{run, End};
-
-/// Close codes the edge sends (RFC 6455 §7.4.1).
-pub mod close {
-    pub const GOING_AWAY: u16 = 1001;
-    pub const POLICY: u16 = 1008;
-    pub const TOO_BIG: u16 = 1009;
-    pub const UPSTREAM_GONE: u16 = 1011;
-}
-
-/// Settings of the relay.
-#[derive(Clone, Copy, Debug)]
-pub struct WsConfig {
-    pub max_message: u64,
-    pub ping_every: Duration,
-    pub idle_after: Duration,
-    pub connect_timeout: Duration,
-    pub response_timeout: Duration,
-}
-
-/// How a browser asks for a WebSocket.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Handshake {
-    /// HTTP/1.1: `GET` with `Upgrade: websocket`; answered `101`.
-    Upgrade,
-    /// HTTP/2 (RFC 8441): `CONNECT` with `:protocol = websocket` on one stream of a shared
-    /// connection; answered `200`, with no `Sec-WebSocket-Key`/`-Accept` pair.
-    ExtendedConnect,
-}
-
-/// Is this request a WebSocket handshake, and of which kind?
-pub fn handshake_kind<B>(req: &http::Request<B>) -> Option<Handshake> {
-    if req.version() == http::Version::HTTP_2 {
-        let websocket = req
-            .extensions()
-            .get::<hyper::ext::Protocol>()
-            .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"));
-        return (req.method() == http::Method::CONNECT && websocket)
-            .then_some(Handshake::ExtendedConnect);
-    }
-    req.headers()
-        .get(header::UPGRADE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
-        .then_some(Handshake::Upgrade)
-}
-
-/// What the relay task needs to know about its socket.
-pub struct RelayCtx {
-    pub identity: Identity,
-    pub activity: Arc<Activity>,
-    pub guard: StreamGuard,
-    pub routes: Arc<RouteTable>,
-    pub shutdown: watch::Receiver<bool>,
-    pub metrics: &'static Metrics,
-    pub config: WsConfig,
-}
+pub use handshake::{handshake_kind, upgrade, Handshake};
+pub use relay::{close, run, End, RelayCtx, WsConfig};

@@ -11,12 +11,43 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::activity::Activity;
-use crate::authenticate::Authenticator;
+use tokio::sync::watch;
+
+use crate::activity::{Activity, StreamGuard};
+use crate::authenticate::{Authenticator, Identity};
 use crate::metrics::Metrics;
+use crate::route::RouteTable;
 
 use super::frame::FrameParser;
-use super::{close, RelayCtx};
+
+/// Close codes the edge sends (RFC 6455 §7.4.1).
+pub mod close {
+    pub const GOING_AWAY: u16 = 1001;
+    pub const POLICY: u16 = 1008;
+    pub const TOO_BIG: u16 = 1009;
+    pub const UPSTREAM_GONE: u16 = 1011;
+}
+
+/// Settings of the relay.
+#[derive(Clone, Copy, Debug)]
+pub struct WsConfig {
+    pub max_message: u64,
+    pub ping_every: Duration,
+    pub idle_after: Duration,
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+}
+
+/// What the relay task needs to know about its socket.
+pub struct RelayCtx {
+    pub identity: Identity,
+    pub activity: Arc<Activity>,
+    pub guard: StreamGuard,
+    pub routes: Arc<RouteTable>,
+    pub shutdown: watch::Receiver<bool>,
+    pub metrics: &'static Metrics,
+    pub config: WsConfig,
+}
 
 const BUF_SIZE: usize = 16 * 1024;
 const POOL_MAX: usize = 64;
