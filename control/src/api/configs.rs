@@ -1,15 +1,16 @@
 //! `/workloads/configs…`: workload configs (what a notebook's Sail and Marimo servers are
 //! provisioned from). Everyone in the organization may read them; only admins write.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json as AxumJson;
 use marina_config::Id;
 
+use crate::api::access::OrgConfig;
 use crate::auth::Principal;
 use crate::error::ApiError;
-use crate::extract::{path_id, Json, ListParams};
+use crate::extract::{Json, ListParams};
 use crate::model::*;
 use crate::state::AppState;
 use crate::store::configs::{self as store, ConfigFields};
@@ -111,13 +112,8 @@ pub async fn configs_create(
     params(("config" = String, Path, description = "A workload config ID")),
     responses((status = 200, body = WorkloadConfig), (status = 400), (status = 401), (status = 404)),
     security(("apiKey" = [])))]
-pub async fn configs_get(
-    State(state): State<AppState>,
-    p: Principal,
-    Path(config): Path<String>,
-) -> Result<AxumJson<WorkloadConfig>, ApiError> {
-    let id = path_id("config", &config)?;
-    Ok(AxumJson(fetch_config(&state, &p, id).await?))
+pub async fn configs_get(access: OrgConfig) -> Result<AxumJson<WorkloadConfig>, ApiError> {
+    Ok(AxumJson(access.config))
 }
 
 /// Update a workload config (admins). Running notebooks keep what they were started with;
@@ -129,12 +125,12 @@ pub async fn configs_get(
     security(("apiKey" = [])))]
 pub async fn configs_update(
     State(state): State<AppState>,
-    p: Principal,
-    Path(config): Path<String>,
+    access: OrgConfig,
     Json(body): Json<UpdateWorkloadConfigBody>,
 ) -> Result<AxumJson<WorkloadConfig>, ApiError> {
-    let id = path_id("config", &config)?;
-    let current = fetch_config(&state, &p, id).await?;
+    let id = access.config.id;
+    let current = access.config;
+    let p = access.principal;
     p.require_admin()?;
     let name = match &body.name {
         Some(n) => check_config_name(n)?,
@@ -170,11 +166,10 @@ pub async fn configs_update(
     security(("apiKey" = [])))]
 pub async fn configs_delete(
     State(state): State<AppState>,
-    p: Principal,
-    Path(config): Path<String>,
+    access: OrgConfig,
 ) -> Result<StatusCode, ApiError> {
-    let id = path_id("config", &config)?;
-    fetch_config(&state, &p, id).await?;
+    let id = access.config.id;
+    let p = access.principal;
     p.require_admin()?;
     // One statement, so a notebook created concurrently cannot slip in (see the store).
     if !store::delete_unused(&state.db, p.org_id, id).await? {

@@ -11,6 +11,7 @@ use axum::response::IntoResponse;
 use axum::Json as AxumJson;
 use marina_config::Id;
 
+use crate::api::access::{OrgMember, OrgTeam};
 use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::extract::{path_id, Json, ListParams};
@@ -128,15 +129,9 @@ pub async fn members_create(
     params(("member" = String, Path, description = "A member ID")),
     responses((status = 200, body = Member), (status = 400), (status = 401), (status = 403), (status = 404)),
     security(("apiKey" = [])))]
-pub async fn members_get(
-    State(state): State<AppState>,
-    p: Principal,
-    Path(member): Path<String>,
-) -> Result<AxumJson<Member>, ApiError> {
-    let id = path_id("member", &member)?;
-    let m = fetch_member(&state, &p, id).await?;
-    self_or_admin(&p, id)?;
-    Ok(AxumJson(m))
+pub async fn members_get(access: OrgMember) -> Result<AxumJson<Member>, ApiError> {
+    self_or_admin(&access.principal, access.member.id)?;
+    Ok(AxumJson(access.member))
 }
 
 fn last_admin() -> ApiError {
@@ -150,12 +145,12 @@ fn last_admin() -> ApiError {
     security(("apiKey" = [])))]
 pub async fn members_update(
     State(state): State<AppState>,
-    p: Principal,
-    Path(member): Path<String>,
+    access: OrgMember,
     Json(body): Json<UpdateMemberBody>,
 ) -> Result<AxumJson<Member>, ApiError> {
-    let id = path_id("member", &member)?;
-    let current = fetch_member(&state, &p, id).await?;
+    let id = access.member.id;
+    let current = access.member;
+    let p = access.principal;
     p.require_admin()?;
     let name = match &body.name {
         Some(n) => check_label("name", n)?,
@@ -182,11 +177,10 @@ pub async fn members_update(
     security(("apiKey" = [])))]
 pub async fn members_delete(
     State(state): State<AppState>,
-    p: Principal,
-    Path(member): Path<String>,
+    access: OrgMember,
 ) -> Result<StatusCode, ApiError> {
-    let id = path_id("member", &member)?;
-    fetch_member(&state, &p, id).await?;
+    let id = access.member.id;
+    let p = access.principal;
     p.require_admin()?;
     match members::delete(&state.db, p.org_id, id).await? {
         Outcome::Done => {}
@@ -243,11 +237,10 @@ pub async fn teams_create(
     security(("apiKey" = [])))]
 pub async fn teams_get(
     State(state): State<AppState>,
-    p: Principal,
-    Path(team): Path<String>,
+    access: OrgTeam,
 ) -> Result<AxumJson<TeamWithCount>, ApiError> {
-    let id = path_id("team", &team)?;
-    fetch_team(&state, &p, id).await?;
+    let id = access.team.id;
+    let p = access.principal;
     if !p.is_admin() && !p.in_team(id) {
         return Err(ApiError::Forbidden(
             "only admins and the team's members may see it",
@@ -264,12 +257,11 @@ pub async fn teams_get(
     security(("apiKey" = [])))]
 pub async fn teams_update(
     State(state): State<AppState>,
-    p: Principal,
-    Path(team): Path<String>,
+    access: OrgTeam,
     Json(body): Json<TeamBody>,
 ) -> Result<AxumJson<Team>, ApiError> {
-    let id = path_id("team", &team)?;
-    fetch_team(&state, &p, id).await?;
+    let id = access.team.id;
+    let p = access.principal;
     p.require_admin()?;
     let name = check_label("name", &body.name)?;
     teams::rename(&state.db, p.org_id, id, &name, p.member_id).await?;
@@ -284,11 +276,10 @@ pub async fn teams_update(
     security(("apiKey" = [])))]
 pub async fn teams_delete(
     State(state): State<AppState>,
-    p: Principal,
-    Path(team): Path<String>,
+    access: OrgTeam,
 ) -> Result<StatusCode, ApiError> {
-    let id = path_id("team", &team)?;
-    fetch_team(&state, &p, id).await?;
+    let id = access.team.id;
+    let p = access.principal;
     p.require_admin()?;
     teams::delete(&state.db, id).await?;
     state.routes_changed.notify_waiters();
@@ -306,11 +297,10 @@ async fn team_members(state: &AppState, team: Id) -> Result<Vec<TeamMember>, Api
     security(("apiKey" = [])))]
 pub async fn team_members_list(
     State(state): State<AppState>,
-    p: Principal,
-    Path(team): Path<String>,
+    access: OrgTeam,
 ) -> Result<AxumJson<Items<TeamMember>>, ApiError> {
-    let id = path_id("team", &team)?;
-    fetch_team(&state, &p, id).await?;
+    let id = access.team.id;
+    let p = access.principal;
     if !p.is_admin() && !p.in_team(id) {
         return Err(ApiError::Forbidden(
             "only admins and the team's members may see it",
@@ -328,12 +318,11 @@ pub async fn team_members_list(
     security(("apiKey" = [])))]
 pub async fn team_members_add(
     State(state): State<AppState>,
-    p: Principal,
-    Path(team): Path<String>,
+    access: OrgTeam,
     Json(body): Json<MemberIdsBody>,
 ) -> Result<AxumJson<Items<TeamMember>>, ApiError> {
-    let id = path_id("team", &team)?;
-    fetch_team(&state, &p, id).await?;
+    let id = access.team.id;
+    let p = access.principal;
     p.require_admin()?;
     if body.member_ids.len() > 1000 {
         return Err(ApiError::invalid("memberIds", "at most 1000 members"));
@@ -360,12 +349,13 @@ pub async fn team_members_add(
     security(("apiKey" = [])))]
 pub async fn team_members_remove(
     State(state): State<AppState>,
-    p: Principal,
-    Path((team, member)): Path<(String, String)>,
+    access: OrgTeam,
+    Path(ids): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    let id = path_id("team", &team)?;
-    let member = path_id("member", &member)?;
-    fetch_team(&state, &p, id).await?;
+    let id = access.team.id;
+    let p = access.principal;
+    // Checked already (with the team id, before the lookup).
+    let member = path_id("member", &ids.1)?;
     p.require_admin()?;
     if !teams::remove_member(&state.db, id, member).await? {
         return Err(ApiError::member_not_found());
@@ -381,11 +371,10 @@ pub async fn team_members_remove(
     security(("apiKey" = [])))]
 pub async fn api_keys_list(
     State(state): State<AppState>,
-    p: Principal,
-    Path(member): Path<String>,
+    access: OrgMember,
 ) -> Result<AxumJson<Items<ApiKey>>, ApiError> {
-    let id = path_id("member", &member)?;
-    fetch_member(&state, &p, id).await?;
+    let id = access.member.id;
+    let p = access.principal;
     self_or_admin(&p, id)?;
     Ok(AxumJson(Items {
         items: keys::list(&state.db, id).await?,
@@ -399,12 +388,11 @@ pub async fn api_keys_list(
     security(("apiKey" = [])))]
 pub async fn api_keys_create(
     State(state): State<AppState>,
-    p: Principal,
-    Path(member): Path<String>,
+    access: OrgMember,
     Json(body): Json<CreateApiKeyBody>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let id = path_id("member", &member)?;
-    fetch_member(&state, &p, id).await?;
+    let id = access.member.id;
+    let p = access.principal;
     self_or_admin(&p, id)?;
     let name = check_label("name", &body.name)?;
     let (api_key, secret) = crate::auth::issue_key(&state.db, id, &name, Some(p.member_id)).await?;
@@ -422,12 +410,13 @@ pub async fn api_keys_create(
     security(("apiKey" = [])))]
 pub async fn api_keys_delete(
     State(state): State<AppState>,
-    p: Principal,
-    Path((member, key)): Path<(String, String)>,
+    access: OrgMember,
+    Path(ids): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    let id = path_id("member", &member)?;
-    let key = path_id("key", &key)?;
-    fetch_member(&state, &p, id).await?;
+    let id = access.member.id;
+    let p = access.principal;
+    // Checked already (with the member id, before the lookup).
+    let key = path_id("key", &ids.1)?;
     self_or_admin(&p, id)?;
     if !keys::delete(&state.db, key, id).await? {
         return Err(ApiError::NotFound {

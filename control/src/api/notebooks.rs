@@ -14,7 +14,7 @@ use axum::Json as AxumJson;
 use marina_config::wire::AccessMode;
 use marina_config::Id;
 
-use crate::api::access::{ManagedNotebook, VisibleNotebook};
+use crate::api::access::{ManagedNotebook, OrgTeam, VisibleNotebook};
 use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::extract::{path_id, Json, ListParams};
@@ -419,14 +419,10 @@ pub async fn notebook_teams_remove(
     security(("apiKey" = [])))]
 pub async fn team_notebooks_list(
     State(state): State<AppState>,
-    p: Principal,
-    Path(team): Path<String>,
+    access: OrgTeam,
     params: ListParams,
 ) -> Result<AxumJson<NotebookList>, ApiError> {
-    let team = path_id("team", &team)?;
-    if !crate::store::teams::exists(&state.db, p.org_id, team).await? {
-        return Err(ApiError::team_not_found());
-    }
+    let (p, team) = (access.principal, access.team.id);
     if !p.is_admin() && !p.in_team(team) {
         return Err(ApiError::Forbidden(
             "only the team's members and admins may list its notebooks",
