@@ -3,6 +3,7 @@
 //! timeout, graceful shutdown and draining). Each request is handed to
 //! [`crate::pipeline::handle`], which runs the named phases.
 
+use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,10 +11,10 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use marina_config::settings::ReplayStore as ReplayChoice;
 use marina_config::Settings;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
@@ -274,56 +275,15 @@ impl Edge {
                     }
                 },
             };
-            let _ = stream.set_nodelay(true);
-            let shared = shared.clone();
-            let downstream = Arc::new(Downstream::new(peer));
-            let service = service_fn(move |req| handle(shared.clone(), downstream.clone(), req));
-            let builder = builder.clone();
-            let watcher = graceful.watcher();
-            match &acceptor {
-                None => {
-                    let first_byte_timeout = self.header_read;
-                    tokio::spawn(async move {
-                        // HTTP version detection waits for the first bytes with no timeout of
-                        // its own: a client that connects and stays silent would hold the
-                        // connection forever. Wait for readability (without consuming) first.
-                        let mut one = [0u8; 1];
-                        match tokio::time::timeout(first_byte_timeout, stream.peek(&mut one)).await
-                        {
-                            Ok(Ok(n)) if n > 0 => {}
-                            _ => return,
-                        }
-                        let conn = builder
-                            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                            .into_owned();
-                        let _ = watcher.watch(conn).await;
-                    });
-                }
-                Some(acc) => {
-                    let acc = acc.clone();
-                    let handshake_timeout = self.header_read;
-                    tokio::spawn(async move {
-                        let tls = match tokio::time::timeout(handshake_timeout, acc.accept(stream))
-                            .await
-                        {
-                            Ok(Ok(s)) => s,
-                            _ => return,
-                        };
-                        // ALPN already chose the protocol: skip version detection (and its
-                        // missing timeout); HTTP/1.1 then gets the header read timeout at once.
-                        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
-                        let builder = if h2 {
-                            builder.http2_only()
-                        } else {
-                            builder.http1_only()
-                        };
-                        let conn = builder
-                            .serve_connection_with_upgrades(TokioIo::new(tls), service)
-                            .into_owned();
-                        let _ = watcher.watch(conn).await;
-                    });
-                }
-            }
+            spawn_connection(
+                stream,
+                peer,
+                &shared,
+                &builder,
+                graceful.watcher(),
+                acceptor.as_ref(),
+                self.header_read,
+            );
         }
         drop(listener);
         tracing::info!("edge draining");
@@ -342,5 +302,63 @@ impl Edge {
             t.abort();
         }
         Ok(())
+    }
+}
+
+/// Serves one accepted connection in a task of its own, each request through
+/// [`handle`]: in clear once its first byte arrived (within `header_read`), or over TLS once the
+/// handshake is done (within `header_read`), ALPN choosing HTTP/2 or HTTP/1.1.
+fn spawn_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: Watcher,
+    acceptor: Option<&TlsAcceptor>,
+    header_read: Duration,
+) {
+    let _ = stream.set_nodelay(true);
+    let shared = shared.clone();
+    let downstream = Arc::new(Downstream::new(peer));
+    let service = service_fn(move |req| handle(shared.clone(), downstream.clone(), req));
+    let builder = builder.clone();
+    match acceptor {
+        None => {
+            tokio::spawn(async move {
+                // HTTP version detection waits for the first bytes with no timeout of its own: a
+                // client that connects and stays silent would hold the connection forever. Wait
+                // for readability (without consuming) first.
+                let mut one = [0u8; 1];
+                match tokio::time::timeout(header_read, stream.peek(&mut one)).await {
+                    Ok(Ok(n)) if n > 0 => {}
+                    _ => return,
+                }
+                let conn = builder
+                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                    .into_owned();
+                let _ = watcher.watch(conn).await;
+            });
+        }
+        Some(acc) => {
+            let acc = acc.clone();
+            tokio::spawn(async move {
+                let tls = match tokio::time::timeout(header_read, acc.accept(stream)).await {
+                    Ok(Ok(s)) => s,
+                    _ => return,
+                };
+                // ALPN already chose the protocol: skip version detection (and its missing
+                // timeout); HTTP/1.1 then gets the header read timeout at once.
+                let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
+                let builder = if h2 {
+                    builder.http2_only()
+                } else {
+                    builder.http1_only()
+                };
+                let conn = builder
+                    .serve_connection_with_upgrades(TokioIo::new(tls), service)
+                    .into_owned();
+                let _ = watcher.watch(conn).await;
+            });
+        }
     }
 }
