@@ -1,5 +1,5 @@
-//! The API's JSON shapes, field for field as the seed document shows them, and the row
-//! mappers that build them from the store.
+//! The API's JSON shapes, field for field as the seed document shows them. (The store builds
+//! them from rows: `crate::store::rows`.)
 //!
 //! Output types serialize camelCase; nullable fields are `null`, never omitted. Input types
 //! (`*Body`) reject unknown fields, so a typo is a 400 naming the field instead of a silent
@@ -8,12 +8,7 @@
 use marina_config::workload::SailConfig;
 use marina_config::Id;
 use serde::{Deserialize, Serialize};
-use sqlx::any::AnyRow;
-use sqlx::Row;
 use utoipa::ToSchema;
-
-use crate::error::StoreError;
-use crate::store::{get_id, get_opt_id, rfc3339};
 
 /// Lifecycle states of a notebook.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -127,37 +122,6 @@ pub struct Notebook {
     pub created_at_ms: i64,
 }
 
-impl Notebook {
-    pub fn from_row(row: &AnyRow, detached_timeout_seconds: i64) -> Result<Notebook, StoreError> {
-        let status: String = row.try_get("status")?;
-        let created_at: i64 = row.try_get("created_at")?;
-        Ok(Notebook {
-            id: get_id(row, "id")?,
-            org_id: get_id(row, "org_id")?,
-            member_id: get_id(row, "member_id")?,
-            workload_config_id: get_id(row, "workload_config_id")?,
-            name: row.try_get("name")?,
-            description: row.try_get("description")?,
-            status: Status::parse(&status).ok_or(StoreError::Corrupt {
-                column: "status",
-                value: status,
-            })?,
-            status_message: row.try_get("status_message")?,
-            idle_timeout_seconds: row.try_get("idle_timeout_seconds")?,
-            detached_timeout_seconds,
-            last_active_at: row
-                .try_get::<Option<i64>, _>("last_active_at")?
-                .map(rfc3339),
-            session_id: get_opt_id(row, "session_id")?,
-            created_at: rfc3339(created_at),
-            created_at_ms: created_at,
-            created_by: get_opt_id(row, "created_by")?,
-            updated_at: rfc3339(row.try_get("updated_at")?),
-            updated_by: get_opt_id(row, "updated_by")?,
-        })
-    }
-}
-
 /// A notebook in a list: the normalized reference (`included` holds the objects).
 #[derive(Clone, Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
@@ -190,23 +154,6 @@ pub struct Team {
     pub default_role_id: Option<Id>,
     #[serde(skip)]
     pub created_at_ms: i64,
-}
-
-impl Team {
-    pub fn from_row(row: &AnyRow) -> Result<Team, StoreError> {
-        let created_at: i64 = row.try_get("created_at")?;
-        Ok(Team {
-            id: get_id(row, "id")?,
-            organization_id: get_id(row, "org_id")?,
-            name: row.try_get("name")?,
-            created_at: rfc3339(created_at),
-            created_at_ms: created_at,
-            created_by: get_opt_id(row, "created_by")?,
-            updated_at: rfc3339(row.try_get("updated_at")?),
-            updated_by: get_opt_id(row, "updated_by")?,
-            default_role_id: None,
-        })
-    }
 }
 
 /// A team with its member count (`included.teams`).
@@ -256,33 +203,6 @@ pub struct WorkloadConfig {
     pub created_at_ms: i64,
 }
 
-impl WorkloadConfig {
-    pub fn from_row(row: &AnyRow) -> Result<WorkloadConfig, StoreError> {
-        let config: String = row.try_get("config")?;
-        let limits: String = row.try_get("endpoint_limits")?;
-        let created_at: i64 = row.try_get("created_at")?;
-        Ok(WorkloadConfig {
-            id: get_id(row, "id")?,
-            name: row.try_get("name")?,
-            workload_type: row.try_get("workload_type")?,
-            cluster_id: get_opt_id(row, "cluster_id")?,
-            config: serde_json::from_str(&config).map_err(|_| StoreError::Corrupt {
-                column: "workload_configs.config",
-                value: config.clone(),
-            })?,
-            endpoint_limits: serde_json::from_str(&limits).map_err(|_| StoreError::Corrupt {
-                column: "workload_configs.endpoint_limits",
-                value: limits.clone(),
-            })?,
-            created_at: rfc3339(created_at),
-            created_at_ms: created_at,
-            created_by: get_opt_id(row, "created_by")?,
-            updated_at: rfc3339(row.try_get("updated_at")?),
-            updated_by: get_opt_id(row, "updated_by")?,
-        })
-    }
-}
-
 /// What list and describe responses carry besides the items, each object once.
 #[derive(Clone, Debug, Default, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
@@ -328,19 +248,6 @@ pub struct NotebookTeam {
     pub updated_by: Option<Id>,
 }
 
-impl NotebookTeam {
-    pub fn from_row(row: &AnyRow) -> Result<NotebookTeam, StoreError> {
-        Ok(NotebookTeam {
-            notebook_id: get_id(row, "notebook_id")?,
-            team_id: get_id(row, "team_id")?,
-            created_at: rfc3339(row.try_get("created_at")?),
-            created_by: get_opt_id(row, "created_by")?,
-            updated_at: rfc3339(row.try_get("updated_at")?),
-            updated_by: get_opt_id(row, "updated_by")?,
-        })
-    }
-}
-
 #[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct NotebookTeamList {
     pub items: Vec<NotebookTeam>,
@@ -374,28 +281,6 @@ pub struct Member {
     pub created_at_ms: i64,
 }
 
-impl Member {
-    pub fn from_row(row: &AnyRow) -> Result<Member, StoreError> {
-        let role: String = row.try_get("role")?;
-        let created_at: i64 = row.try_get("created_at")?;
-        Ok(Member {
-            id: get_id(row, "id")?,
-            organization_id: get_id(row, "org_id")?,
-            name: row.try_get("name")?,
-            email: row.try_get("email")?,
-            role: Role::parse(&role).ok_or(StoreError::Corrupt {
-                column: "members.role",
-                value: role,
-            })?,
-            created_at: rfc3339(created_at),
-            created_at_ms: created_at,
-            created_by: get_opt_id(row, "created_by")?,
-            updated_at: rfc3339(row.try_get("updated_at")?),
-            updated_by: get_opt_id(row, "updated_by")?,
-        })
-    }
-}
-
 /// An API key's metadata (never its secret, which only the creation response carries).
 #[derive(Clone, Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
@@ -410,19 +295,6 @@ pub struct ApiKey {
     pub created_at: String,
     #[schema(value_type = Option<String>)]
     pub created_by: Option<Id>,
-}
-
-impl ApiKey {
-    pub fn from_row(row: &AnyRow) -> Result<ApiKey, StoreError> {
-        Ok(ApiKey {
-            id: get_id(row, "id")?,
-            member_id: get_id(row, "member_id")?,
-            name: row.try_get("name")?,
-            prefix: row.try_get("prefix")?,
-            created_at: rfc3339(row.try_get("created_at")?),
-            created_by: get_opt_id(row, "created_by")?,
-        })
-    }
 }
 
 /// Team membership.

@@ -1,7 +1,7 @@
 //! The store: one sqlx `Any` pool over SQLite (a file, WAL) or PostgreSQL, its schema, and
 //! every query the control plane runs, by table or aggregate. Nothing outside this module
 //! writes SQL: handlers and the lifecycle call the functions here, which return model types
-//! (row mapping is here and in `model`'s `from_row`), and state transitions are named
+//! (mapped from rows in one place, `rows`), and state transitions are named
 //! conditional updates that say whether they won.
 //!
 //! - [`notebooks`]: notebooks, their team links, the visibility clause, the lifecycle
@@ -10,6 +10,7 @@
 //! - [`edges`]: the edge's bookkeeping (activity, connections, redeemed tokens) and the routes
 //!   snapshot.
 //! - [`page`]: keyset pagination (one page of rows, the next page token).
+//! - `rows`: row mapping, the model types built from their rows.
 //!
 //! Why `Any` and not two pools behind a trait: every query the control plane runs is portable
 //! SQL (`$1` placeholders work on both drivers, `ON CONFLICT`, `RETURNING`), so one code path
@@ -32,6 +33,7 @@ pub mod members;
 pub mod notebooks;
 pub mod orgs;
 pub mod page;
+mod rows;
 pub mod teams;
 
 use std::str::FromStr;
