@@ -269,25 +269,47 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let mut control_task = tokio::spawn(control.serve(control_listener, stop()));
     let mut edge_task = tokio::spawn(edge.serve(proxy_listener, admin_listener, stop()));
 
+    // Listening for Ctrl-C and SIGTERM from here on: a signal while the notebook environment is
+    // being prepared (a first install takes minutes) still shuts down in order.
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    let mut interrupted = false;
+
     // First run: the notebook environment (about 800 MB) is installed now, with progress.
     if settings.runtime.kind == RuntimeKind::Local {
         eprintln!("marina: checking the notebook Python environment (first run installs it, with progress)…");
-        match runtime.prepare().await {
-            Err(e) => {
+        let prepared = tokio::select! {
+            r = runtime.prepare() => Some(r),
+            _ = &mut shutdown => None,
+        };
+        match prepared {
+            None => interrupted = true,
+            Some(Err(e)) => {
                 eprintln!("marina: notebooks cannot start here: {e}");
                 eprintln!("marina: the API works, but notebooks cannot start until this is fixed.");
             }
-            Ok(()) if runtime.isolation() == "none" => {
+            Some(Ok(())) if runtime.isolation() == "none" => {
                 eprintln!(
                     "marina: WARNING: runtime.local.sandbox = \"none\": notebooks run UNSANDBOXED \
                      as this user; their code can read Marina's keys and database (single-user use only)"
                 );
             }
-            Ok(()) => eprintln!(
+            Some(Ok(())) => eprintln!(
                 "marina: notebooks run sandboxed ({}: bubblewrap + pasta)",
                 runtime.isolation()
             ),
         }
+    }
+    if interrupted {
+        return shut_down(
+            &settings,
+            &runtime,
+            stop_tx,
+            control_task,
+            edge_task,
+            Ok(()),
+        )
+        .await;
     }
 
     let key_file = bootstrap.unwrap_or_else(|| settings.data_dir.join("admin-api-key"));
@@ -314,10 +336,31 @@ async fn serve(args: ServeArgs) -> Result<()> {
     eprintln!();
 
     let outcome = tokio::select! {
-        _ = shutdown_signal() => Ok(()),
+        _ = &mut shutdown => Ok(()),
         r = &mut control_task => part_ended(r, "control plane"),
         r = &mut edge_task => part_ended(r, "edge"),
     };
+    shut_down(
+        &settings,
+        &runtime,
+        stop_tx,
+        control_task,
+        edge_task,
+        outcome,
+    )
+    .await
+}
+
+/// The end of `marina serve`: tells both parts to stop, waits for them to drain, then stops
+/// the local notebooks, and returns `outcome`.
+async fn shut_down<C, E>(
+    settings: &Settings,
+    runtime: &Arc<dyn Runtime>,
+    stop_tx: watch::Sender<bool>,
+    mut control_task: tokio::task::JoinHandle<C>,
+    mut edge_task: tokio::task::JoinHandle<E>,
+    outcome: Result<()>,
+) -> Result<()> {
     let _ = stop_tx.send(true);
     // Both parts drain first (the edge closes WebSockets with 1001 and lets requests in flight
     // finish, which still need their notebooks); each one still running is waited for, within

@@ -247,7 +247,8 @@ impl Sandbox {
                 Ok(None) => None,
                 Err(e) => return Err(Unavailable(format!("the probe sandbox: {e}"))),
             };
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            // Long enough for either tool to fail on its own (both do in milliseconds).
+            tokio::time::sleep(Duration::from_millis(300)).await;
             for (what, c) in
                 std::iter::once(("bwrap", &mut child)).chain(net.as_mut().map(|n| ("pasta", n)))
             {

@@ -176,7 +176,6 @@ impl Session {
     }
 
     /// `POST <base><path>` with the session's headers; the answer's status and JSON body.
-    #[allow(dead_code)] // not every test crate that includes this file calls it
     pub async fn post_json(&self, path: &str, body: Value) -> Result<(u16, Value), String> {
         let resp = self
             .http
@@ -197,22 +196,9 @@ impl Session {
     }
 
     async fn post(&self, path: &str, body: Value) -> Result<(), String> {
-        let resp = self
-            .http
-            .post(format!("{}{path}", self.marimo_base))
-            .bearer_auth(&self.token)
-            .header("Marimo-Session-Id", &self.session_id)
-            .header("Marimo-Server-Token", &self.server_token)
-            .json(&body)
-            .send()
-            .await
-            .map_err(|e| format!("POST {path}: {e}"))?;
-        if !resp.status().is_success() {
-            let status = resp.status();
-            return Err(format!(
-                "POST {path}: {status} {}",
-                resp.text().await.unwrap_or_default()
-            ));
+        let (status, answer) = self.post_json(path, body).await?;
+        if !(200..300).contains(&status) {
+            return Err(format!("POST {path}: {status} {answer}"));
         }
         Ok(())
     }
