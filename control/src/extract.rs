@@ -15,11 +15,11 @@ use axum::extract::{FromRequest, FromRequestParts, Query, Request};
 use axum::http::header::CONTENT_TYPE;
 use axum::http::request::Parts;
 use axum::http::StatusCode;
-use base64::Engine;
 use marina_config::Id;
 use serde::de::DeserializeOwned;
 
 use crate::error::ApiError;
+use crate::store::page::PageSpec;
 
 /// A JSON body of type `T`.
 pub struct Json<T>(pub T);
@@ -141,30 +141,14 @@ pub struct ListParams {
     pub after: Option<Cursor>,
 }
 
-/// A keyset position: the last item of the previous page.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Cursor {
-    pub created_at: i64,
-    pub id: Id,
-}
+pub use crate::store::page::Cursor;
 
-impl Cursor {
-    /// The opaque `nextPageToken`.
-    pub fn encode(&self) -> String {
-        base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .encode(format!("{}.{}", self.created_at, self.id))
-    }
-
-    pub fn decode(token: &str) -> Option<Cursor> {
-        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(token)
-            .ok()?;
-        let s = String::from_utf8(raw).ok()?;
-        let (ts, id) = s.split_once('.')?;
-        Some(Cursor {
-            created_at: ts.parse().ok()?,
-            id: Id::parse(id).ok()?,
-        })
+impl<'a> From<&'a ListParams> for PageSpec<'a> {
+    fn from(p: &'a ListParams) -> PageSpec<'a> {
+        PageSpec {
+            limit: p.limit,
+            after: p.after.as_ref(),
+        }
     }
 }
 

@@ -27,8 +27,26 @@ use utoipa::{Modify, OpenApi};
 
 use crate::error::{ApiError, InternalDetail};
 use crate::extract::BodyLimit;
+use crate::lifecycle::LifecycleError;
 use crate::model::*;
 use crate::state::AppState;
+
+/// The lifecycle's errors at the API boundary: a lost transition is a 409
+/// `invalid_notebook_state` with the lifecycle's message, a vanished notebook the usual 404.
+impl From<LifecycleError> for ApiError {
+    fn from(e: LifecycleError) -> ApiError {
+        match e {
+            LifecycleError::InvalidState { .. } => {
+                ApiError::conflict("invalid_notebook_state", e.to_string())
+            }
+            LifecycleError::NotFound => ApiError::notebook_not_found(),
+            LifecycleError::Store(e) => e.into(),
+            LifecycleError::Config { .. } | LifecycleError::Runtime { .. } => {
+                ApiError::Internal(e.to_string())
+            }
+        }
+    }
+}
 
 /// Largest activity batch an edge may send, bytes (about 80,000 notebooks).
 pub const INTERNAL_BODY_LIMIT: usize = 16 * 1024 * 1024;

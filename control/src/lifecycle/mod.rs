@@ -8,7 +8,8 @@
 //!   one control replica at a time (a lease).
 //! - [`reconcile`]: settling the store with the runtime after a restart.
 //!
-//! Errors are [`LifecycleError`]; the API turns them into its 409/404/500 at the boundary.
+//! Errors are [`LifecycleError`]; the API turns them into its 409/404/500 at the boundary
+//! (`crate::api`), so nothing here knows HTTP.
 //!
 //! ```text
 //!            start                 runtime.start ok
@@ -45,7 +46,7 @@ use marina_runtime::Runtime;
 use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 
-use crate::error::{ApiError, StoreError};
+use crate::error::StoreError;
 use crate::metrics::Metrics;
 use crate::model::{Notebook, Status};
 use crate::store::Db;
@@ -181,21 +182,6 @@ pub enum LifecycleError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
-}
-
-impl From<LifecycleError> for ApiError {
-    fn from(e: LifecycleError) -> ApiError {
-        match e {
-            LifecycleError::InvalidState { .. } => {
-                ApiError::conflict("invalid_notebook_state", e.to_string())
-            }
-            LifecycleError::NotFound => ApiError::notebook_not_found(),
-            LifecycleError::Store(e) => e.into(),
-            LifecycleError::Config { .. } | LifecycleError::Runtime { .. } => {
-                ApiError::Internal(e.to_string())
-            }
-        }
-    }
 }
 
 /// A ping counts as "a browser is connected" for this long: the seed asks the host to ping

@@ -2,29 +2,47 @@
 //! page of `limit` rows found by fetching `limit + 1`, and an opaque `nextPageToken` that
 //! encodes the last row's `(created_at, id)`.
 
+use base64::Engine;
 use marina_config::Id;
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
 use super::{bind_all, Arg, Db};
 use crate::error::StoreError;
-use crate::extract::Cursor;
 use crate::model::Page;
+
+/// A keyset position: the last item of the previous page.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cursor {
+    pub created_at: i64,
+    pub id: Id,
+}
+
+impl Cursor {
+    /// The opaque `nextPageToken`.
+    pub fn encode(&self) -> String {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(format!("{}.{}", self.created_at, self.id))
+    }
+
+    pub fn decode(token: &str) -> Option<Cursor> {
+        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(token)
+            .ok()?;
+        let s = String::from_utf8(raw).ok()?;
+        let (ts, id) = s.split_once('.')?;
+        Some(Cursor {
+            created_at: ts.parse().ok()?,
+            id: Id::parse(id).ok()?,
+        })
+    }
+}
 
 /// Where a page starts and how long it is.
 #[derive(Clone, Copy, Debug)]
 pub struct PageSpec<'a> {
     pub limit: i64,
     pub after: Option<&'a Cursor>,
-}
-
-impl<'a> From<&'a crate::extract::ListParams> for PageSpec<'a> {
-    fn from(p: &'a crate::extract::ListParams) -> PageSpec<'a> {
-        PageSpec {
-            limit: p.limit,
-            after: p.after.as_ref(),
-        }
-    }
 }
 
 /// One page of rows and what surrounds it.
