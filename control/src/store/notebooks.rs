@@ -736,3 +736,115 @@ pub async fn owned_by(conn: &mut sqlx::AnyConnection, member: Id) -> Result<i64,
             .await?,
     )
 }
+
+#[cfg(test)]
+mod tests {
+    //! The visibility clause on a scratch SQLite database: owner, team member, admin, a
+    //! member outside the team, and another organization's admin.
+
+    use super::*;
+    use crate::model::Role;
+    use crate::store::configs::ConfigFields;
+    use crate::store::keys::StoredSecret;
+    use crate::store::members::MemberFields;
+    use crate::store::{configs, members, orgs, teams};
+
+    async fn org(db: &Db, name: &str) -> (Id, Id) {
+        let secret = StoredSecret {
+            hash: name,
+            prefix: "mk_",
+        };
+        let o = orgs::create(db, name, "admin", secret, None)
+            .await
+            .expect("org")
+            .expect("created");
+        (o.organization_id, o.admin_member_id)
+    }
+
+    async fn member(db: &Db, org: Id, by: Id) -> Id {
+        let f = MemberFields {
+            name: "m".into(),
+            email: None,
+            role: Role::Member,
+        };
+        members::insert(db, org, f, by).await.expect("member")
+    }
+
+    #[tokio::test]
+    async fn who_sees_a_notebook() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite:{}", dir.path().join("v.db").display());
+        let db = Db::connect(&url, 4).await.expect("connect");
+        let (a, admin) = org(&db, "a").await;
+        let (b, other_admin) = org(&db, "b").await;
+        let (owner, mate, outsider) = (
+            member(&db, a, admin).await,
+            member(&db, a, admin).await,
+            member(&db, a, admin).await,
+        );
+        let team = teams::insert(&db, a, "t", admin).await.expect("team");
+        teams::add_members(&db, team, &[owner, mate], admin)
+            .await
+            .expect("add");
+        let fields = ConfigFields {
+            name: "c".into(),
+            workload_type: "notebook".into(),
+            cluster_id: None,
+            config_json: "{}".into(),
+            endpoint_limits_json: "{}".into(),
+        };
+        let cfg = configs::insert(&db, a, fields, admin)
+            .await
+            .expect("config");
+        let new = |team_ids: Vec<Id>| NewNotebook {
+            org_id: a,
+            owner,
+            workload_config_id: cfg,
+            name: "n".into(),
+            description: None,
+            idle_timeout_seconds: 0,
+            team_ids,
+        };
+        let shared = insert(&db, new(vec![team])).await.expect("shared");
+        let private = insert(&db, new(Vec::new())).await.expect("private");
+
+        let viewer = |org_id, member_id, admin| Viewer {
+            org_id,
+            member_id,
+            admin,
+        };
+        let cases = [
+            ("owner", viewer(a, owner, false), true, true),
+            ("team member", viewer(a, mate, false), true, false),
+            ("admin", viewer(a, admin, true), true, true),
+            ("outsider", viewer(a, outsider, false), false, false),
+            (
+                "other org's admin",
+                viewer(b, other_admin, true),
+                false,
+                false,
+            ),
+        ];
+        for (who, v, sees_shared, sees_private) in cases {
+            let got = (
+                fetch_visible(&db, &v, shared, 60)
+                    .await
+                    .expect("shared")
+                    .is_some(),
+                fetch_visible(&db, &v, private, 60)
+                    .await
+                    .expect("private")
+                    .is_some(),
+            );
+            assert_eq!(got, (sees_shared, sees_private), "{who}");
+            let spec = PageSpec {
+                limit: 100,
+                after: None,
+            };
+            let page = list(&db, &v, None, spec, 60).await.expect("list");
+            let expected = sees_shared as i64 + sees_private as i64;
+            assert_eq!(page.total, expected, "{who}");
+            assert_eq!(page.notebooks.len() as i64, expected, "{who}");
+        }
+    }
+}
