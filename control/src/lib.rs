@@ -117,7 +117,7 @@ impl ControlPlane {
         db: &Db,
         settings: &Settings,
     ) -> Result<Option<Bootstrap>, ControlError> {
-        if db.organization_count().await? > 0 {
+        if store::orgs::count(db).await? > 0 {
             return Ok(None);
         }
         let Some(new) = create_organization(db, "default", "admin", Some(BOOTSTRAP_MARKER)).await?

@@ -341,13 +341,6 @@ impl Db {
         Ok(v as u64)
     }
 
-    /// Number of organizations (zero: an empty database to bootstrap).
-    pub async fn organization_count(&self) -> Result<i64, StoreError> {
-        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM organizations")
-            .fetch_one(&self.pool)
-            .await?)
-    }
-
     /// Is the database answering?
     pub async fn ping(&self) -> bool {
         sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()

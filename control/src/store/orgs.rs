@@ -6,6 +6,13 @@ use super::keys::StoredSecret;
 use super::{now_ms, Db};
 use crate::error::StoreError;
 
+/// Number of organizations (zero: an empty database to bootstrap).
+pub async fn count(db: &Db) -> Result<i64, StoreError> {
+    Ok(sqlx::query_scalar("SELECT COUNT(*) FROM organizations")
+        .fetch_one(&db.pool)
+        .await?)
+}
+
 /// A new organization's ids.
 pub struct NewOrganization {
     pub organization_id: Id,
