@@ -80,68 +80,78 @@ pub(super) async fn monitor_tick(lc: &Lifecycle) -> Result<(), LifecycleError> {
     let idle_after = settings.control.idle_after_seconds as i64 * 1000;
     let detached_timeout = settings.control.detached_timeout_seconds as i64 * 1000;
     for row in rows {
-        let store::UpNotebook {
-            id,
-            status,
-            session,
-            idle_timeout_ms: idle_timeout,
-            last_active_at: last_active,
-            last_ping_at: last_ping,
-            running_since,
-            detached_since,
-            websockets,
-        } = row;
-
-        // No activity yet: the idle clock starts when the notebook came up.
-        let active_ref = last_active.max(running_since).unwrap_or(now);
-        if idle_timeout > 0 && now - active_ref >= idle_timeout {
-            stop_by_monitor(
-                lc,
-                id,
-                "idle_stop",
-                format!(
-                    "stopped after {} s without activity (idleTimeoutSeconds)",
-                    idle_timeout / 1000
-                ),
-            )
-            .await;
-            continue;
-        }
-        let connected = websockets > 0 || last_ping.is_some_and(|p| now - p < PING_PRESENCE_MS);
-        let desired = if !connected {
-            Status::Detached
-        } else if now - active_ref >= idle_after {
-            Status::Idle
-        } else {
-            Status::Running
-        };
-        if desired == Status::Detached {
-            let since = if status == Status::Detached {
-                detached_since.unwrap_or(now)
-            } else {
-                now
-            };
-            if now - since >= detached_timeout {
-                stop_by_monitor(
-                    lc,
-                    id,
-                    "detached_stop",
-                    format!(
-                        "stopped after {} s with no browser connected",
-                        detached_timeout / 1000
-                    ),
-                )
-                .await;
-                continue;
+        match judge(&row, now, idle_after, detached_timeout) {
+            Verdict::Stay => {}
+            Verdict::Move(desired) => {
+                let since = (desired == Status::Detached).then_some(now);
+                store::set_presence(&lc.db, row.id, row.session, row.status, desired, since)
+                    .await?;
             }
-        }
-        if desired != status {
-            let since = (desired == Status::Detached).then_some(now);
-            store::set_presence(&lc.db, id, session, status, desired, since).await?;
+            Verdict::StopIdle => {
+                let message = format!(
+                    "stopped after {} s without activity (idleTimeoutSeconds)",
+                    row.idle_timeout_ms / 1000
+                );
+                stop_by_monitor(lc, row.id, "idle_stop", message).await;
+            }
+            Verdict::StopDetached => {
+                let message = format!(
+                    "stopped after {} s with no browser connected",
+                    detached_timeout / 1000
+                );
+                stop_by_monitor(lc, row.id, "detached_stop", message).await;
+            }
         }
     }
     refresh_gauges(lc).await?;
     Ok(())
+}
+
+/// What the monitor does with an up notebook.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Verdict {
+    Stay,
+    /// Running, idle or detached, whichever it is not now.
+    Move(Status),
+    /// Past its `idleTimeoutSeconds` without activity.
+    StopIdle,
+    /// Detached for `detached_timeout` (ms).
+    StopDetached,
+}
+
+/// Decides an up notebook's fate at `now` (all times in ms): connected (a WebSocket, or a ping
+/// in the last [`PING_PRESENCE_MS`]) and active within `idle_after` is running, connected but
+/// quiet is idle, unconnected is detached; the idle timeout counts from the last activity (or
+/// from when it came up), the detached timeout from when it was first seen detached.
+fn judge(n: &store::UpNotebook, now: i64, idle_after: i64, detached_timeout: i64) -> Verdict {
+    // No activity yet: the idle clock starts when the notebook came up.
+    let active_ref = n.last_active_at.max(n.running_since).unwrap_or(now);
+    if n.idle_timeout_ms > 0 && now - active_ref >= n.idle_timeout_ms {
+        return Verdict::StopIdle;
+    }
+    let connected = n.websockets > 0 || n.last_ping_at.is_some_and(|p| now - p < PING_PRESENCE_MS);
+    let desired = if !connected {
+        Status::Detached
+    } else if now - active_ref >= idle_after {
+        Status::Idle
+    } else {
+        Status::Running
+    };
+    if desired == Status::Detached {
+        let since = if n.status == Status::Detached {
+            n.detached_since.unwrap_or(now)
+        } else {
+            now
+        };
+        if now - since >= detached_timeout {
+            return Verdict::StopDetached;
+        }
+    }
+    if desired != n.status {
+        Verdict::Move(desired)
+    } else {
+        Verdict::Stay
+    }
 }
 
 async fn stop_by_monitor(lc: &Lifecycle, id: Id, event: &str, message: String) {
@@ -247,4 +257,84 @@ async fn housekeeping(lc: &Lifecycle) -> Result<(), LifecycleError> {
         tracing::warn!(error = %e, "periodic reconcile");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const IDLE_AFTER: i64 = 60_000;
+    const DETACHED: i64 = 300_000;
+    const NOW: i64 = 10_000_000;
+
+    fn up(status: Status) -> store::UpNotebook {
+        store::UpNotebook {
+            id: Id::random(),
+            status,
+            session: Id::random(),
+            idle_timeout_ms: 3_600_000,
+            last_active_at: Some(NOW - 1_000),
+            last_ping_at: None,
+            running_since: Some(NOW - 1_000_000),
+            detached_since: None,
+            websockets: 1,
+        }
+    }
+
+    fn judged(n: &store::UpNotebook) -> Verdict {
+        judge(n, NOW, IDLE_AFTER, DETACHED)
+    }
+
+    #[test]
+    fn connected_and_active_is_running() {
+        assert_eq!(judged(&up(Status::Running)), Verdict::Stay);
+        assert_eq!(judged(&up(Status::Idle)), Verdict::Move(Status::Running));
+        assert_eq!(
+            judged(&up(Status::Detached)),
+            Verdict::Move(Status::Running)
+        );
+        // A recent ping counts as connected without a WebSocket.
+        let mut n = up(Status::Detached);
+        n.websockets = 0;
+        n.last_ping_at = Some(NOW - PING_PRESENCE_MS + 1);
+        assert_eq!(judged(&n), Verdict::Move(Status::Running));
+    }
+
+    #[test]
+    fn connected_but_quiet_is_idle() {
+        let mut n = up(Status::Running);
+        n.last_active_at = Some(NOW - IDLE_AFTER);
+        assert_eq!(judged(&n), Verdict::Move(Status::Idle));
+        n.status = Status::Idle;
+        assert_eq!(judged(&n), Verdict::Stay);
+    }
+
+    #[test]
+    fn unconnected_is_detached_then_stopped() {
+        let mut n = up(Status::Running);
+        n.websockets = 0;
+        n.last_ping_at = Some(NOW - PING_PRESENCE_MS);
+        assert_eq!(judged(&n), Verdict::Move(Status::Detached));
+        n.status = Status::Detached;
+        n.detached_since = Some(NOW - DETACHED + 1);
+        assert_eq!(judged(&n), Verdict::Stay);
+        n.detached_since = Some(NOW - DETACHED);
+        assert_eq!(judged(&n), Verdict::StopDetached);
+    }
+
+    #[test]
+    fn idle_timeout_counts_from_activity_or_start() {
+        let mut n = up(Status::Running);
+        n.idle_timeout_ms = 120_000;
+        n.last_active_at = Some(NOW - 120_000);
+        assert_eq!(judged(&n), Verdict::StopIdle);
+        // Never active: from when it came up.
+        n.last_active_at = None;
+        n.running_since = Some(NOW - 119_999);
+        assert_eq!(judged(&n), Verdict::Move(Status::Idle));
+        // 0 is never.
+        n.idle_timeout_ms = 0;
+        n.running_since = Some(0);
+        assert_eq!(judged(&n), Verdict::Move(Status::Idle));
+    }
 }
