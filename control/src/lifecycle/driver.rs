@@ -156,3 +156,182 @@ async fn drive_stop(lc: &Lifecycle, id: Id) {
         tracing::error!(notebook = %id, error = %e, "recording a failed stop");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The driver's own functions against a fake runtime and a scratch SQLite store: what a
+    //! start or a stop leaves in the store, and what the runtime was asked.
+
+    use std::sync::atomic::Ordering;
+
+    use super::*;
+    use crate::lifecycle::testing::{Fixture, START_FAILURE};
+
+    fn sail(max_retries: u32) -> SailConfig {
+        serde_json::from_value(serde_json::json!({ "maxRetries": max_retries })).expect("sail")
+    }
+
+    #[tokio::test]
+    async fn a_successful_start_is_running_with_its_endpoint() {
+        let f = Fixture::new(3, |_| {}).await;
+        let nb = f.notebook(0).await;
+        let session = f.begin_start(nb).await;
+        drive_start(&f.lc, nb, session, sail(3)).await;
+        let got = f.get(nb).await;
+        assert_eq!(
+            (got.status, got.session_id, got.status_message),
+            (Status::Running, Some(session), None)
+        );
+        // The store routes to exactly what the runtime answered, after one attempt.
+        let ep = f.rt.endpoint(nb).expect("the runtime runs it");
+        assert_eq!(f.routed(nb).await, Some(ep));
+        assert_eq!(f.rt.attempts_of(nb), [1]);
+        assert_eq!(f.rt.stops_of(nb), 0);
+    }
+
+    #[tokio::test]
+    async fn failed_attempts_are_retried_and_each_torn_down() {
+        let f = Fixture::new(3, |_| {}).await;
+        let nb = f.notebook(0).await;
+        let session = f.begin_start(nb).await;
+        f.rt.fail_starts.store(2, Ordering::SeqCst);
+        drive_start(&f.lc, nb, session, sail(3)).await;
+        assert_eq!(f.get(nb).await.status, Status::Running);
+        assert_eq!(f.rt.attempts_of(nb), [1, 2, 3]);
+        assert_eq!(f.rt.stops_of(nb), 2, "one stop after each failed attempt");
+    }
+
+    #[tokio::test]
+    async fn a_start_failing_max_retries_times_is_failed_with_the_reason() {
+        let f = Fixture::new(2, |_| {}).await;
+        let nb = f.notebook(0).await;
+        let session = f.begin_start(nb).await;
+        f.rt.fail_starts.store(5, Ordering::SeqCst);
+        drive_start(&f.lc, nb, session, sail(2)).await;
+        let got = f.get(nb).await;
+        assert_eq!(got.status, Status::Failed);
+        let msg = got.status_message.expect("a reason");
+        assert!(
+            msg.starts_with("start failed after 2 attempt(s): ")
+                && msg.contains(START_FAILURE)
+                && msg.contains("(attempt 2)"),
+            "{msg}"
+        );
+        assert_eq!(f.rt.attempts_of(nb), [1, 2], "no attempt past max_retries");
+        assert_eq!(f.rt.stops_of(nb), 2);
+        assert_eq!(f.routed(nb).await, None);
+        // 0 retries still makes one attempt.
+        let nb0 = f.notebook(0).await;
+        let session = f.begin_start(nb0).await;
+        drive_start(&f.lc, nb0, session, sail(0)).await;
+        assert_eq!(f.rt.attempts_of(nb0), [1]);
+        assert_eq!(f.get(nb0).await.status, Status::Failed);
+    }
+
+    #[tokio::test]
+    async fn a_hanging_attempt_is_cut_at_the_start_timeout() {
+        let f = Fixture::new(1, |s| s.control.start_timeout_seconds = 1).await;
+        let nb = f.notebook(0).await;
+        let session = f.begin_start(nb).await;
+        f.rt.hold_starts.store(true, Ordering::SeqCst);
+        drive_start(&f.lc, nb, session, sail(1)).await;
+        let got = f.get(nb).await;
+        assert_eq!(got.status, Status::Failed);
+        let msg = got.status_message.expect("a reason");
+        assert!(msg.contains("timed out after 1 s"), "{msg}");
+        assert_eq!(f.rt.stops_of(nb), 1, "the hung attempt is torn down");
+    }
+
+    #[tokio::test]
+    async fn a_stop_during_a_start_wins_and_the_late_attempt_is_torn_down() {
+        let f = Fixture::new(3, |_| {}).await;
+        let nb = f.notebook(0).await;
+        let session = f.begin_start(nb).await;
+        f.rt.hold_starts.store(true, Ordering::SeqCst);
+        let lc = f.lc.clone();
+        let start = tokio::spawn(async move { drive_start(&lc, nb, session, sail(3)).await });
+        f.rt.entered.notified().await;
+        // Stopped meanwhile (say by another replica, so nothing aborted this attempt).
+        store::begin_stop(&f.lc.db, nb, Some(f.admin), None, 60)
+            .await
+            .expect("begin stop")
+            .expect("won the stop");
+        f.rt.release.notify_one();
+        start.await.expect("the start task");
+        // The attempt succeeded in the runtime but lost in the store: undone, not running.
+        assert_eq!(f.get(nb).await.status, Status::Stopping);
+        assert_eq!(f.routed(nb).await, None);
+        assert!(!f.rt.is_running(nb));
+        assert_eq!(f.rt.stops_of(nb), 1);
+        assert_eq!(f.rt.attempts_of(nb), [1], "no retry after losing");
+        drive_stop(&f.lc, nb).await;
+        assert_eq!(f.get(nb).await.status, Status::Stopped);
+    }
+
+    #[tokio::test]
+    async fn a_start_for_another_session_calls_nothing() {
+        let f = Fixture::new(3, |_| {}).await;
+        let nb = f.notebook(0).await;
+        let session = f.begin_start(nb).await;
+        drive_start(&f.lc, nb, Id::random(), sail(3)).await;
+        assert!(f.rt.attempts_of(nb).is_empty());
+        let got = f.get(nb).await;
+        assert_eq!(
+            (got.status, got.session_id),
+            (Status::Starting, Some(session))
+        );
+    }
+
+    #[tokio::test]
+    async fn lifecycle_stop_aborts_an_in_flight_start() {
+        let f = Fixture::new(3, |_| {}).await;
+        let nb = f.notebook(0).await;
+        f.rt.hold_starts.store(true, Ordering::SeqCst);
+        let starting = f.lc.start(&f.get(nb).await, f.admin).await.expect("start");
+        assert_eq!(starting.status, Status::Starting);
+        f.rt.entered.notified().await;
+        let stopping =
+            f.lc.stop(&f.get(nb).await, Some(f.admin), None)
+                .await
+                .expect("stop");
+        assert_eq!(stopping.status, Status::Stopping);
+        // The stop does not wait for the held attempt: the start task was aborted.
+        f.wait_for(nb, Status::Stopped).await;
+        assert_eq!(f.rt.attempts_of(nb), [1]);
+        assert!(!f.rt.is_running(nb));
+    }
+
+    #[tokio::test]
+    async fn stop_failures_are_retried_then_failed_with_the_reason() {
+        let f = Fixture::new(3, |_| {}).await;
+        let nb = f.notebook(0).await;
+        let session = f.begin_start(nb).await;
+        drive_start(&f.lc, nb, session, sail(3)).await;
+        store::begin_stop(&f.lc.db, nb, None, None, 60)
+            .await
+            .expect("begin stop")
+            .expect("won the stop");
+        // One failure: retried, then stopped.
+        f.rt.fail_stops.store(1, Ordering::SeqCst);
+        drive_stop(&f.lc, nb).await;
+        assert_eq!(f.get(nb).await.status, Status::Stopped);
+        assert_eq!(f.rt.stops_of(nb), 2);
+        // Three failures: failed, with the runtime's reason.
+        let session = f.begin_start(nb).await;
+        drive_start(&f.lc, nb, session, sail(3)).await;
+        store::begin_stop(&f.lc.db, nb, None, None, 60)
+            .await
+            .expect("begin stop")
+            .expect("won the stop");
+        f.rt.fail_stops.store(3, Ordering::SeqCst);
+        drive_stop(&f.lc, nb).await;
+        let got = f.get(nb).await;
+        assert_eq!(got.status, Status::Failed);
+        let msg = got.status_message.expect("a reason");
+        assert!(
+            msg.starts_with("stop failed: ") && msg.contains("the backend is down"),
+            "{msg}"
+        );
+        assert_eq!(f.rt.stops_of(nb), 5);
+    }
+}

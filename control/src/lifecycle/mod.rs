@@ -34,6 +34,8 @@
 mod driver;
 mod monitor;
 mod reconcile;
+#[cfg(test)]
+mod testing;
 mod transitions;
 
 use std::collections::HashMap;

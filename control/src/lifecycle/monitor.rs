@@ -337,4 +337,106 @@ mod tests {
         n.running_since = Some(0);
         assert_eq!(judged(&n), Verdict::Move(Status::Idle));
     }
+
+    // The passes themselves, on a fake runtime and a scratch SQLite store.
+
+    use std::time::Duration;
+
+    use crate::lifecycle::testing::Fixture;
+
+    /// A running notebook (driven through the real start) with `idle_timeout_seconds`.
+    async fn running(f: &Fixture, idle_timeout_seconds: i64) -> Id {
+        let nb = f.notebook(idle_timeout_seconds).await;
+        f.lc.start(&f.get(nb).await, f.admin).await.expect("start");
+        f.wait_for(nb, Status::Running).await;
+        nb
+    }
+
+    #[tokio::test]
+    async fn a_detached_notebook_is_stopped_after_the_detached_timeout() {
+        let f = Fixture::new(3, |s| s.control.detached_timeout_seconds = 1).await;
+        let nb = running(&f, 0).await;
+        // Nobody connected: detached first, not stopped yet.
+        monitor_tick(&f.lc).await.expect("tick");
+        assert_eq!(f.get(nb).await.status, Status::Detached);
+        monitor_tick(&f.lc).await.expect("tick");
+        assert_eq!(f.get(nb).await.status, Status::Detached);
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        monitor_tick(&f.lc).await.expect("tick");
+        let got = f.get(nb).await;
+        assert!(
+            matches!(got.status, Status::Stopping | Status::Stopped),
+            "{got:?}"
+        );
+        assert_eq!(
+            got.status_message.as_deref(),
+            Some("stopped after 1 s with no browser connected")
+        );
+        f.wait_for(nb, Status::Stopped).await;
+        assert!(!f.rt.is_running(nb));
+        assert_eq!(f.rt.stops_of(nb), 1);
+        assert_eq!(f.routed(nb).await, None);
+    }
+
+    #[tokio::test]
+    async fn a_connected_notebook_is_stopped_after_its_idle_timeout() {
+        let f = Fixture::new(3, |_| {}).await;
+        let nb = running(&f, 1).await;
+        let busy = running(&f, 0).await;
+        // A ping: connected and active, so it stays running…
+        assert!(record_ping(&f, nb).await);
+        assert!(record_ping(&f, busy).await);
+        monitor_tick(&f.lc).await.expect("tick");
+        assert_eq!(f.get(nb).await.status, Status::Running);
+        // …until its idleTimeoutSeconds pass without activity, connected or not.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        connect_without_activity(&f, nb).await;
+        monitor_tick(&f.lc).await.expect("tick");
+        let got = f.wait_for(nb, Status::Stopped).await;
+        assert_eq!(
+            got.status_message.as_deref(),
+            Some("stopped after 1 s without activity (idleTimeoutSeconds)")
+        );
+        assert!(!f.rt.is_running(nb));
+        // idleTimeoutSeconds 0: never stopped for idleness.
+        assert_eq!(f.get(busy).await.status, Status::Running);
+        assert!(f.rt.is_running(busy));
+    }
+
+    async fn record_ping(f: &Fixture, id: Id) -> bool {
+        f.lc.record_ping(id).await.expect("ping")
+    }
+
+    /// An edge reports an open WebSocket but no activity: connected, not active.
+    async fn connect_without_activity(f: &Fixture, id: Id) {
+        let session = f.get(id).await.session_id.expect("session");
+        let batch = marina_config::wire::ActivityBatch {
+            edge_id: "edge-a".into(),
+            sent_at_ms: now_ms(),
+            notebooks: vec![marina_config::wire::NotebookActivity {
+                notebook_id: id,
+                session_id: session,
+                last_active_ms: None,
+                open_websockets: 1,
+            }],
+        };
+        f.lc.record_activity(&batch).await.expect("activity");
+    }
+
+    #[tokio::test]
+    async fn a_notebook_whose_servers_are_gone_fails_its_health_check() {
+        let f = Fixture::new(3, |_| {}).await;
+        let gone = running(&f, 0).await;
+        let alive = running(&f, 0).await;
+        f.rt.vanish(gone);
+        health_tick(&f.lc).await.expect("health");
+        let got = f.get(gone).await;
+        assert_eq!(got.status, Status::Failed);
+        assert_eq!(
+            got.status_message.as_deref(),
+            Some("the notebook's servers are gone")
+        );
+        assert_eq!(f.routed(gone).await, None);
+        assert_eq!(f.get(alive).await.status, Status::Running);
+    }
 }

@@ -138,49 +138,16 @@ mod tests {
 
     use super::super::LifecycleError;
     use crate::error::ApiError;
+    use crate::lifecycle::testing::{new_notebook, store_fixture};
     use crate::model::Status;
-    use crate::store::configs::ConfigFields;
-    use crate::store::keys::StoredSecret;
-    use crate::store::notebooks::{self as store, NewNotebook};
-    use crate::store::{self as db, Db};
+    use crate::store::notebooks as store;
+    use crate::store::Db;
 
     /// A database with one organization, its admin, a workload config and a stopped notebook.
     async fn fixture(dir: &tempfile::TempDir) -> (Db, Id, Id) {
-        let url = format!("sqlite:{}", dir.path().join("t.db").display());
-        let db = Db::connect(&url, 4).await.expect("connect");
-        let secret = StoredSecret {
-            hash: "h",
-            prefix: "mk_",
-        };
-        let org = db::orgs::create(&db, "o", "admin", secret, None)
-            .await
-            .expect("org")
-            .expect("created");
-        let fields = ConfigFields {
-            name: "c".into(),
-            workload_type: "notebook".into(),
-            cluster_id: None,
-            config_json: "{}".into(),
-            endpoint_limits_json: "{}".into(),
-        };
-        let cfg = db::configs::insert(&db, org.organization_id, fields, org.admin_member_id)
-            .await
-            .expect("config");
-        let nb = store::insert(
-            &db,
-            NewNotebook {
-                org_id: org.organization_id,
-                owner: org.admin_member_id,
-                workload_config_id: cfg,
-                name: "n".into(),
-                description: None,
-                idle_timeout_seconds: 0,
-                team_ids: Vec::new(),
-            },
-        )
-        .await
-        .expect("notebook");
-        (db, nb, org.admin_member_id)
+        let (db, org, admin, cfg) = store_fixture(dir, 3).await;
+        let nb = new_notebook(&db, org, admin, cfg, 0).await;
+        (db, nb, admin)
     }
 
     fn endpoint() -> Endpoint {
