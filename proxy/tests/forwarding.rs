@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use marina_config::wire::AccessMode;
+use marina_testkit::ws_upstream::WsUpstream;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -289,125 +290,6 @@ async fn shutdown_finishes_requests_in_flight_then_stops() {
 
 // --- WebSocket -----------------------------------------------------------------------------
 
-/// A minimal raw WebSocket server standing in for Marimo: on text `big:N` it sends an N-byte
-/// text message, `echo:X` echoes, `die` drops the connection without a close frame. Records
-/// request URIs.
-struct WsUpstream {
-    addr: SocketAddr,
-    uris: Arc<Mutex<Vec<String>>>,
-    closes_seen: Arc<Mutex<u32>>,
-}
-
-async fn ws_upstream() -> WsUpstream {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    let uris: Arc<Mutex<Vec<String>>> = Arc::default();
-    let closes: Arc<Mutex<u32>> = Arc::default();
-    let (u2, c2) = (uris.clone(), closes.clone());
-    tokio::spawn(async move {
-        loop {
-            let Ok((s, _)) = l.accept().await else { return };
-            let (uris, closes) = (u2.clone(), c2.clone());
-            tokio::spawn(async move {
-                let _ = serve_ws(s, uris, closes).await;
-            });
-        }
-    });
-    WsUpstream {
-        addr,
-        uris,
-        closes_seen: closes,
-    }
-}
-
-async fn serve_ws(
-    mut s: TcpStream,
-    uris: Arc<Mutex<Vec<String>>>,
-    closes: Arc<Mutex<u32>>,
-) -> std::io::Result<()> {
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        s.read_exact(&mut b).await?;
-        head.push(b[0]);
-    }
-    let text = String::from_utf8_lossy(&head).to_string();
-    let uri = text.split(' ').nth(1).unwrap_or("").to_string();
-    uris.lock().unwrap().push(format!("{uri}\n{text}"));
-    let key = text
-        .lines()
-        .find_map(|l| {
-            l.to_ascii_lowercase()
-                .starts_with("sec-websocket-key:")
-                .then(|| l[18..].trim().to_string())
-        })
-        .unwrap_or_default();
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY);
-    ctx.update(key.as_bytes());
-    ctx.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
-    use base64::Engine;
-    let accept = base64::engine::general_purpose::STANDARD.encode(ctx.finish().as_ref());
-    s.write_all(format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n").as_bytes()).await?;
-    loop {
-        let mut h = [0u8; 2];
-        s.read_exact(&mut h).await?;
-        let op = h[0] & 0x0f;
-        let mut len = (h[1] & 0x7f) as u64;
-        if len == 126 {
-            let mut e = [0u8; 2];
-            s.read_exact(&mut e).await?;
-            len = u16::from_be_bytes(e) as u64;
-        } else if len == 127 {
-            let mut e = [0u8; 8];
-            s.read_exact(&mut e).await?;
-            len = u64::from_be_bytes(e);
-        }
-        let mut mask = [0u8; 4];
-        if h[1] & 0x80 != 0 {
-            s.read_exact(&mut mask).await?;
-        }
-        let mut p = vec![0u8; len as usize];
-        s.read_exact(&mut p).await?;
-        for (i, c) in p.iter_mut().enumerate() {
-            *c ^= mask[i % 4];
-        }
-        match op {
-            0x8 => {
-                *closes.lock().unwrap() += 1;
-                s.write_all(&[0x88, 2, 0x03, 0xe8]).await?;
-                return Ok(());
-            }
-            0x1 => {
-                let t = String::from_utf8_lossy(&p).to_string();
-                if let Some(n) = t.strip_prefix("big:") {
-                    let n: usize = n.parse().unwrap();
-                    send_text(&mut s, &vec![b'x'; n]).await?;
-                } else if let Some(e) = t.strip_prefix("echo:") {
-                    send_text(&mut s, e.as_bytes()).await?;
-                } else if t == "die" {
-                    return Ok(()); // drop: FIN without a close frame, like a killed process
-                }
-            }
-            _ => {}
-        }
-    }
-}
-
-async fn send_text(s: &mut TcpStream, p: &[u8]) -> std::io::Result<()> {
-    let mut h = vec![0x81u8];
-    if p.len() < 126 {
-        h.push(p.len() as u8);
-    } else if p.len() < 65536 {
-        h.push(126);
-        h.extend_from_slice(&(p.len() as u16).to_be_bytes());
-    } else {
-        h.push(127);
-        h.extend_from_slice(&(p.len() as u64).to_be_bytes());
-    }
-    s.write_all(&h).await?;
-    s.write_all(p).await
-}
-
 type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
 
 async fn ws_connect(
@@ -455,7 +337,7 @@ struct WsWorld {
 
 async fn ws_world(opts: EdgeOptions) -> WsWorld {
     let keys = Keys::generate();
-    let up = ws_upstream().await;
+    let up = WsUpstream::start().await;
     let route = route(NB, "SESSION001", up.addr, id(OWNER), &[id(VIEWER)]);
     let edge = TestEdge::start(&keys, std::slice::from_ref(&route), opts).await;
     WsWorld {

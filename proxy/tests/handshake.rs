@@ -9,6 +9,7 @@ use common::*;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use marina_config::settings::ReplayStore;
 use marina_config::wire::{AccessMode, UrlClaims};
+use marina_testkit::control::FakeControl;
 
 const NB: &str = "NOTEBOOK01";
 const OWNER: &str = "OWNER00001";

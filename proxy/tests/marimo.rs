@@ -9,12 +9,12 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use marina_config::wire::{AccessMode, Route};
+use marina_testkit::marimo;
 use tokio_tungstenite::tungstenite::Message;
 
 const NB: &str = "NOTEBOOK01";
@@ -54,8 +54,10 @@ if __name__ == "__main__":
     app.run()
 "#;
 
+/// The two notebooks of these tests, and a real Marimo (`marina_testkit::marimo::Server`)
+/// serving the first.
 struct Marimo {
-    child: tokio::process::Child,
+    _server: marimo::Server,
     port: u16,
     /// `--base-url` (path mode) or `""` (subdomain mode: Marimo at its root).
     base: String,
@@ -67,31 +69,7 @@ struct Marimo {
     _other: tempfile::TempDir,
 }
 
-impl Drop for Marimo {
-    fn drop(&mut self) {
-        // SIGTERM lets Marimo stop its kernel processes (SIGKILL would orphan them).
-        if let Some(pid) = self.child.id() {
-            let _ = std::process::Command::new("kill")
-                .arg("-TERM")
-                .arg(pid.to_string())
-                .status();
-        }
-    }
-}
-
-fn venv() -> PathBuf {
-    std::env::var_os("NOTEBOOK_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv"))
-}
-
 async fn start_marimo(base: &str) -> Marimo {
-    let marimo = venv().join("bin/marimo");
-    assert!(
-        marimo.exists(),
-        "{} missing: run scripts/setup-python.sh (or set NOTEBOOK_VENV)",
-        marimo.display()
-    );
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("notebook.py");
     std::fs::write(&file, NOTEBOOK).unwrap();
@@ -107,50 +85,17 @@ async fn start_marimo(base: &str) -> Marimo {
     .unwrap();
     std::fs::create_dir(other.path().join("public")).unwrap();
     std::fs::write(other.path().join("public/secret.txt"), "OTHER-SECRET-B").unwrap();
-    let pw = dir.path().join("token");
-    std::fs::write(&pw, MARIMO_TOKEN).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut cmd = tokio::process::Command::new(marimo);
-    cmd.args(["edit", "--headless", "--host", "127.0.0.1", "--port"])
-        .arg(port.to_string())
-        .args(["--skip-update-check", "--token-password-file"])
-        .arg(&pw);
-    if !base.is_empty() {
-        cmd.args(["--base-url", base]);
-    }
     // As the runtimes start it: in the notebook's directory, on `notebook.py`.
-    let child = cmd
-        .arg(&file)
-        .current_dir(dir.path())
-        .env("HOME", dir.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let health = format!("http://127.0.0.1:{port}{base}/health");
-    for _ in 0..200 {
-        if let Ok(r) = client().get(&health).send().await {
-            if r.status() == 200 {
-                return Marimo {
-                    child,
-                    port,
-                    base: base.to_string(),
-                    file,
-                    other_file,
-                    _dir: dir,
-                    _other: other,
-                };
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    let server = marimo::Server::start(dir.path(), &file, MARIMO_TOKEN, base).await;
+    Marimo {
+        port: server.port,
+        base: server.base_url.clone(),
+        _server: server,
+        file,
+        other_file,
+        _dir: dir,
+        _other: other,
     }
-    panic!("marimo did not become healthy");
 }
 
 impl Marimo {

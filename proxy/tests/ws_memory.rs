@@ -2,7 +2,7 @@
 //! other test allocates while it measures the process's resident set.
 //!
 //! The process holds the edge *and* the client sockets *and* a minimal upstream, so the figure
-//! is an upper bound for the edge's share.
+//! is an upper bound for the edge's share. The upstream is `marina_testkit::ws_upstream::idle`.
 
 mod common;
 
@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::*;
 use marina_config::wire::AccessMode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 fn rss_bytes() -> usize {
     let s = std::fs::read_to_string("/proc/self/status").unwrap();
@@ -21,53 +21,6 @@ fn rss_bytes() -> usize {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap();
     kb * 1024
-}
-
-/// An upstream that completes the upgrade and then just waits (as Marimo's socket does between
-/// outputs).
-async fn idle_upstream() -> std::net::SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = l.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let mut head = Vec::with_capacity(512);
-                let mut b = [0u8; 256];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    let n = s.read(&mut b).await.unwrap_or(0);
-                    if n == 0 {
-                        return;
-                    }
-                    head.extend_from_slice(&b[..n]);
-                }
-                let text = String::from_utf8_lossy(&head);
-                let key = text
-                    .lines()
-                    .find_map(|l| {
-                        l.to_ascii_lowercase()
-                            .starts_with("sec-websocket-key:")
-                            .then(|| l[18..].trim().to_string())
-                    })
-                    .unwrap_or_default();
-                drop(head);
-                let mut ctx = ring::digest::Context::new(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY);
-                ctx.update(key.as_bytes());
-                ctx.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
-                use base64::Engine;
-                let accept =
-                    base64::engine::general_purpose::STANDARD.encode(ctx.finish().as_ref());
-                let _ = s
-                    .write_all(format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n").as_bytes())
-                    .await;
-                let mut one = [0u8; 1];
-                let _ = s.read(&mut one).await;
-            });
-        }
-    });
-    addr
 }
 
 /// Opens a WebSocket through the edge by hand and keeps only the TCP stream.
@@ -113,7 +66,7 @@ async fn raw_direct(up: std::net::SocketAddr) -> TcpStream {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_websockets_cost_little_memory() {
     let keys = Keys::generate();
-    let up = idle_upstream().await;
+    let up = marina_testkit::ws_upstream::idle().await;
     let r = route("NOTEBOOK01", "SESSION001", up, id("OWNER00001"), &[]);
     let edge = TestEdge::start(&keys, std::slice::from_ref(&r), EdgeOptions::default()).await;
     let cookie = login(&edge, &keys, &r, id("OWNER00001"), AccessMode::Edit).await;

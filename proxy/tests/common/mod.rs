@@ -1,8 +1,8 @@
 //! Test helpers: keys and URL tokens, an edge on ephemeral ports with a static routes file, a
-//! recording fake upstream, and log capture.
+//! recording fake upstream, and log capture. Shared with other crates' tests, in
+//! `marina-testkit`: the fake control plane, the fake WebSocket upstreams, real Marimo.
 #![allow(dead_code)]
 
-use std::collections::HashSet;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -222,7 +222,7 @@ impl TestEdge {
         s.proxy.timeouts.upstream_response_ms = opts.upstream_response_ms;
         s.proxy.timeouts.websocket_ping_seconds = opts.ws_ping_idle.0;
         s.proxy.timeouts.websocket_idle_seconds = opts.ws_ping_idle.1;
-        s.internal.token = "internal-test-token".into();
+        s.internal.token = marina_testkit::control::INTERNAL_TOKEN.into();
         s.tokens.public_keys = vec![PublicKeySetting {
             kid: "k1".into(),
             file: pub_file,
@@ -462,145 +462,6 @@ async fn fake_answer(req: Request<Incoming>) -> Response<FakeBody> {
             "upstream ok {}",
             body.len()
         )))))
-        .unwrap()
-}
-
-/// A minimal control plane for replay checks: `POST /internal/v1/redeem` (200 first, 409
-/// after) with the internal token; counts activity batches.
-pub struct FakeControl {
-    pub url: String,
-    pub activity: Arc<Mutex<Vec<serde_json::Value>>>,
-    /// What `GET /internal/v1/routes` serves.
-    pub routes: Arc<Mutex<RoutesSnapshot>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl FakeControl {
-    pub async fn start() -> FakeControl {
-        Self::serve(None).await
-    }
-
-    /// The same over TLS, with this certificate chain and key (PEM files).
-    pub async fn start_tls(cert: &Path, key: &Path) -> FakeControl {
-        let certs = rustls_pemfile::certs(&mut std::fs::read(cert).unwrap().as_slice())
-            .collect::<Result<Vec<_>, _>>()
-            .unwrap();
-        let key = rustls_pemfile::private_key(&mut std::fs::read(key).unwrap().as_slice())
-            .unwrap()
-            .unwrap();
-        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .unwrap();
-        Self::serve(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))).await
-    }
-
-    async fn serve(tls: Option<tokio_rustls::TlsAcceptor>) -> FakeControl {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let scheme = if tls.is_some() { "https" } else { "http" };
-        let used: Arc<Mutex<HashSet<String>>> = Arc::default();
-        let activity: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
-        let routes: Arc<Mutex<RoutesSnapshot>> = Arc::default();
-        let (act2, routes2) = (activity.clone(), routes.clone());
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = l.accept().await else {
-                    return;
-                };
-                let (used, activity, routes) = (used.clone(), act2.clone(), routes2.clone());
-                let tls = tls.clone();
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req: Request<Incoming>| {
-                        let (used, activity, routes) =
-                            (used.clone(), activity.clone(), routes.clone());
-                        async move {
-                            Ok::<_, Infallible>(
-                                control_answer(req, &used, &activity, &routes).await,
-                            )
-                        }
-                    });
-                    let builder =
-                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                    match tls {
-                        None => {
-                            let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
-                        }
-                        Some(acceptor) => {
-                            // A client that does not trust the certificate gives up here.
-                            if let Ok(s) = acceptor.accept(stream).await {
-                                let _ = builder.serve_connection(TokioIo::new(s), svc).await;
-                            }
-                        }
-                    }
-                });
-            }
-        });
-        FakeControl {
-            url: format!("{scheme}://{addr}"),
-            activity,
-            routes,
-            task,
-        }
-    }
-
-    /// Stops answering: the listener goes away.
-    pub fn kill(&self) {
-        self.task.abort();
-    }
-}
-
-async fn control_answer(
-    req: Request<Incoming>,
-    used: &Mutex<HashSet<String>>,
-    activity: &Mutex<Vec<serde_json::Value>>,
-    routes: &Mutex<RoutesSnapshot>,
-) -> Response<Full<Bytes>> {
-    let authed = req.headers().get("authorization").map(|v| v.as_bytes())
-        == Some(b"Bearer internal-test-token");
-    let path = req.uri().path().to_string();
-    let query = req.uri().query().unwrap_or("").to_string();
-    let body = req.into_body().collect().await.unwrap().to_bytes();
-    let status = if !authed {
-        401
-    } else if path == "/internal/v1/routes" {
-        // Long poll: hold while the version equals `after` (up to 2 s here).
-        let after = query
-            .split('&')
-            .find_map(|p| p.strip_prefix("after="))
-            .and_then(|v| v.parse::<u64>().ok());
-        for _ in 0..20 {
-            if after != Some(routes.lock().unwrap().version) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let snap = serde_json::to_vec(&*routes.lock().unwrap()).unwrap();
-        return Response::new(Full::new(Bytes::from(snap)));
-    } else if path == "/internal/v1/redeem" {
-        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-        let jti = v["jti"].as_str().unwrap().to_string();
-        if used.lock().unwrap().insert(jti) {
-            200
-        } else {
-            409
-        }
-    } else if path == "/internal/v1/activity" {
-        activity
-            .lock()
-            .unwrap()
-            .push(serde_json::from_slice(&body).unwrap());
-        204
-    } else {
-        404
-    };
-    Response::builder()
-        .status(status)
-        .body(Full::new(Bytes::new()))
         .unwrap()
 }
 
