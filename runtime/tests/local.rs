@@ -3,8 +3,6 @@
 //! The environment is the shared test virtualenv: `NOTEBOOK_VENV`, else `<workspace>/.venv`
 //! (made by `scripts/setup-python.sh`). Each test uses its own data directory.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -13,26 +11,15 @@ use marina_config::workload::{EnvValue, SailConfig};
 use marina_config::{Id, Settings};
 use marina_runtime::local::LocalRuntime;
 use marina_runtime::{Expected, Health, Runtime, RuntimeError, StartSpec};
-use support::marimo::Marimo;
-
-fn venv() -> PathBuf {
-    let dir = std::env::var_os("NOTEBOOK_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv"));
-    assert!(
-        dir.join("bin/marimo").exists() && dir.join("bin/sail").exists(),
-        "no notebook environment at {}: run scripts/setup-python.sh (or set NOTEBOOK_VENV)",
-        dir.display()
-    );
-    dir
-}
+use marina_testkit::marimo::Marimo;
+use marina_testkit::venv;
 
 fn settings(data_dir: &Path) -> Settings {
     let mut s = Settings {
         data_dir: data_dir.to_owned(),
         ..Settings::default()
     };
-    s.runtime.local.venv_dir = Some(venv());
+    s.runtime.local.venv_dir = Some(venv::dir());
     s.control.start_timeout_seconds = 90;
     s
 }
@@ -456,7 +443,7 @@ with zipfile.ZipFile(sys.argv[1], "w") as z:
     z.writestr("marina_probe-0.1.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: marina-test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
     z.writestr("marina_probe-0.1.dist-info/RECORD", "")
 "#;
-    let ok = std::process::Command::new(venv().join("bin/python"))
+    let ok = std::process::Command::new(venv::dir().join("bin/python"))
         .args(["-c", script])
         .arg(&wheel)
         .status()
@@ -490,7 +477,7 @@ async fn libraries_are_installed_into_the_notebook_overlay() {
     drop(session);
     rt.stop(id).await.unwrap();
     // The shared environment is untouched: the library is only in this notebook's overlay.
-    let in_venv = std::process::Command::new(venv().join("bin/python"))
+    let in_venv = std::process::Command::new(venv::dir().join("bin/python"))
         .args(["-c", "import marina_probe"])
         .stderr(std::process::Stdio::null())
         .status()

@@ -6,30 +6,23 @@
 //! positive control that does the same to what A may touch. Needs bubblewrap and passt
 //! (`scripts/test.sh` installs them).
 
-mod support;
-
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use marina_config::workload::SailConfig;
 use marina_config::{Id, Settings};
 use marina_runtime::local::LocalRuntime;
 use marina_runtime::{Runtime, StartSpec};
+use marina_testkit::marimo::{Marimo, Session};
+use marina_testkit::venv;
 use serde_json::Value;
-use support::marimo::Marimo;
-
-fn venv() -> PathBuf {
-    std::env::var_os("NOTEBOOK_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv"))
-}
 
 fn settings(data_dir: &Path, internet: bool) -> Settings {
     let mut s = Settings {
         data_dir: data_dir.to_owned(),
         ..Settings::default()
     };
-    s.runtime.local.venv_dir = Some(venv());
+    s.runtime.local.venv_dir = Some(venv::dir());
     s.runtime.local.notebook_internet = internet;
     s.control.start_timeout_seconds = 90;
     s
@@ -69,7 +62,7 @@ impl Drop for StopAll<'_> {
 
 /// Runs `code` (which must print one line `RESULT <json>`) in a fresh cell and returns the
 /// JSON.
-async fn probe(session: &mut support::marimo::Session, cell: &str, code: &str) -> Value {
+async fn probe(session: &mut Session, cell: &str, code: &str) -> Value {
     let run = session.run_cell(cell, code).await.expect("cell runs");
     let line = run
         .stdout
