@@ -305,26 +305,23 @@ mod tests {
     async fn stop_failures_are_retried_then_failed_with_the_reason() {
         let f = Fixture::new(3, |_| {}).await;
         let nb = f.notebook(0).await;
-        let session = f.begin_start(nb).await;
-        drive_start(&f.lc, nb, session, sail(3)).await;
-        store::begin_stop(&f.lc.db, nb, None, None, 60)
-            .await
-            .expect("begin stop")
-            .expect("won the stop");
+        // Running, then `stopping` in the store; the stop driven with `failures` failing calls.
+        async fn stop_failing(f: &Fixture, nb: Id, failures: u32) {
+            let session = f.begin_start(nb).await;
+            drive_start(&f.lc, nb, session, sail(3)).await;
+            store::begin_stop(&f.lc.db, nb, None, None, 60)
+                .await
+                .expect("begin stop")
+                .expect("won the stop");
+            f.rt.fail_stops.store(failures, Ordering::SeqCst);
+            drive_stop(&f.lc, nb).await;
+        }
         // One failure: retried, then stopped.
-        f.rt.fail_stops.store(1, Ordering::SeqCst);
-        drive_stop(&f.lc, nb).await;
+        stop_failing(&f, nb, 1).await;
         assert_eq!(f.get(nb).await.status, Status::Stopped);
         assert_eq!(f.rt.stops_of(nb), 2);
         // Three failures: failed, with the runtime's reason.
-        let session = f.begin_start(nb).await;
-        drive_start(&f.lc, nb, session, sail(3)).await;
-        store::begin_stop(&f.lc.db, nb, None, None, 60)
-            .await
-            .expect("begin stop")
-            .expect("won the stop");
-        f.rt.fail_stops.store(3, Ordering::SeqCst);
-        drive_stop(&f.lc, nb).await;
+        stop_failing(&f, nb, 3).await;
         let got = f.get(nb).await;
         assert_eq!(got.status, Status::Failed);
         let msg = got.status_message.expect("a reason");

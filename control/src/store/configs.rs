@@ -4,30 +4,18 @@
 use marina_config::Id;
 
 use super::page::{self, PageSpec};
-use super::{now_ms, placeholders, Arg, Db};
+use super::{now_ms, placeholders, Db};
 use crate::error::StoreError;
 use crate::model::{Page, WorkloadConfig};
 
 /// A workload config of organization `org`.
 pub async fn fetch(db: &Db, org: Id, id: Id) -> Result<Option<WorkloadConfig>, StoreError> {
-    sqlx::query("SELECT * FROM workload_configs WHERE id = $1 AND org_id = $2")
-        .bind(id.to_string())
-        .bind(org.to_string())
-        .fetch_optional(&db.pool)
-        .await?
-        .map(|r| WorkloadConfig::from_row(&r))
-        .transpose()
+    super::fetch_in_org(db, "workload_configs", org, id, WorkloadConfig::from_row).await
 }
 
 /// Does organization `org` have workload config `id`?
 pub async fn exists(db: &Db, org: Id, id: Id) -> Result<bool, StoreError> {
-    let found: Option<String> =
-        sqlx::query_scalar("SELECT id FROM workload_configs WHERE id = $1 AND org_id = $2")
-            .bind(id.to_string())
-            .bind(org.to_string())
-            .fetch_optional(&db.pool)
-            .await?;
-    Ok(found.is_some())
+    super::exists_in_org(db, "workload_configs", org, id).await
 }
 
 /// Workload configs by id (text), newest first.
@@ -66,16 +54,7 @@ pub async fn page(
     org: Id,
     spec: PageSpec<'_>,
 ) -> Result<Page<WorkloadConfig>, StoreError> {
-    let rows = page::rows(
-        db,
-        "workload_configs",
-        "*",
-        "",
-        "org_id = $1",
-        vec![Arg::S(org.to_string())],
-        spec,
-    )
-    .await?;
+    let rows = page::org_rows(db, "workload_configs", org, spec).await?;
     page::page_of(rows, WorkloadConfig::from_row, |c| (c.created_at_ms, c.id))
 }
 

@@ -4,6 +4,7 @@
 use marina_config::Id;
 use sqlx::Row;
 
+use super::rows::get_parsed;
 use super::{get_id, now_ms, Db};
 use crate::error::StoreError;
 use crate::model::{ApiKey, Role};
@@ -33,7 +34,6 @@ pub async fn lookup(db: &Db, hash: &str) -> Result<Option<KeyOwner>, StoreError>
     let Some(first) = rows.first() else {
         return Ok(None);
     };
-    let role: String = first.try_get("role")?;
     let mut team_ids = Vec::with_capacity(rows.len());
     for row in &rows {
         if let Some(t) = row.try_get::<Option<String>, _>("team_id")? {
@@ -48,10 +48,7 @@ pub async fn lookup(db: &Db, hash: &str) -> Result<Option<KeyOwner>, StoreError>
         key_id: get_id(first, "key_id")?,
         member_id: get_id(first, "member_id")?,
         org_id: get_id(first, "org_id")?,
-        role: Role::parse(&role).ok_or(StoreError::Corrupt {
-            column: "members.role",
-            value: role,
-        })?,
+        role: get_parsed(first, "role", "members.role", Role::parse)?,
         team_ids,
     }))
 }

@@ -5,30 +5,18 @@
 use marina_config::Id;
 
 use super::page::{self, PageSpec};
-use super::{bump_routes, now_ms, Arg, Db};
+use super::{bump_routes, now_ms, Db};
 use crate::error::StoreError;
 use crate::model::{Member, Page, Role};
 
 /// A member of organization `org`.
 pub async fn fetch(db: &Db, org: Id, id: Id) -> Result<Option<Member>, StoreError> {
-    sqlx::query("SELECT * FROM members WHERE id = $1 AND org_id = $2")
-        .bind(id.to_string())
-        .bind(org.to_string())
-        .fetch_optional(&db.pool)
-        .await?
-        .map(|r| Member::from_row(&r))
-        .transpose()
+    super::fetch_in_org(db, "members", org, id, Member::from_row).await
 }
 
 /// Does organization `org` have member `id`?
 pub async fn exists(db: &Db, org: Id, id: Id) -> Result<bool, StoreError> {
-    let found: Option<String> =
-        sqlx::query_scalar("SELECT id FROM members WHERE id = $1 AND org_id = $2")
-            .bind(id.to_string())
-            .bind(org.to_string())
-            .fetch_optional(&db.pool)
-            .await?;
-    Ok(found.is_some())
+    super::exists_in_org(db, "members", org, id).await
 }
 
 /// Does member `id` exist in any organization? (The admin CLI.)
@@ -51,16 +39,7 @@ pub async fn first_admin(db: &Db) -> Result<Option<String>, StoreError> {
 
 /// A page of the organization's members.
 pub async fn page(db: &Db, org: Id, spec: PageSpec<'_>) -> Result<Page<Member>, StoreError> {
-    let rows = page::rows(
-        db,
-        "members",
-        "*",
-        "",
-        "org_id = $1",
-        vec![Arg::S(org.to_string())],
-        spec,
-    )
-    .await?;
+    let rows = page::org_rows(db, "members", org, spec).await?;
     page::page_of(rows, Member::from_row, |m| (m.created_at_ms, m.id))
 }
 
@@ -113,6 +92,20 @@ async fn admin_count(conn: &mut sqlx::AnyConnection, org: Id) -> Result<i64, sql
         .await
 }
 
+/// Ends a role change or deletion: committed when `org` still has an admin, rolled back
+/// ([`Outcome::LastAdmin`]) when it would have none.
+async fn commit_keeping_an_admin(
+    mut tx: sqlx::Transaction<'_, sqlx::Any>,
+    org: Id,
+) -> Result<Outcome, StoreError> {
+    if admin_count(&mut tx, org).await? == 0 {
+        tx.rollback().await?;
+        return Ok(Outcome::LastAdmin);
+    }
+    tx.commit().await?;
+    Ok(Outcome::Done)
+}
+
 /// Replaces a member's fields, unless that leaves the organization without an admin.
 pub async fn update(
     db: &Db,
@@ -140,12 +133,7 @@ pub async fn update(
     // the transaction holds that row's lock until commit, so role changes and member
     // deletions run one after the other (also under PostgreSQL's read committed), and two
     // admins demoting each other at once cannot both pass the check.
-    if admin_count(&mut tx, org).await? == 0 {
-        tx.rollback().await?;
-        return Ok(Outcome::LastAdmin);
-    }
-    tx.commit().await?;
-    Ok(Outcome::Done)
+    commit_keeping_an_admin(tx, org).await
 }
 
 /// Deletes a member (his API keys and team memberships cascade), unless he owns notebooks
@@ -163,10 +151,5 @@ pub async fn delete(db: &Db, org: Id, id: Id) -> Result<Outcome, StoreError> {
         .bind(org.to_string())
         .execute(&mut *tx)
         .await?;
-    if admin_count(&mut tx, org).await? == 0 {
-        tx.rollback().await?;
-        return Ok(Outcome::LastAdmin);
-    }
-    tx.commit().await?;
-    Ok(Outcome::Done)
+    commit_keeping_an_admin(tx, org).await
 }

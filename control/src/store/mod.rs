@@ -426,6 +426,92 @@ pub(crate) fn bind_all<'q>(
     q
 }
 
+/// The row `id` of organization `org` in `table` (one with `id` and `org_id` columns), mapped
+/// by `from_row`.
+async fn fetch_in_org<T>(
+    db: &Db,
+    table: &'static str,
+    org: Id,
+    id: Id,
+    from_row: fn(&sqlx::any::AnyRow) -> Result<T, StoreError>,
+) -> Result<Option<T>, StoreError> {
+    sqlx::query(&format!(
+        "SELECT * FROM {table} WHERE id = $1 AND org_id = $2"
+    ))
+    .bind(id.to_string())
+    .bind(org.to_string())
+    .fetch_optional(&db.pool)
+    .await?
+    .map(|r| from_row(&r))
+    .transpose()
+}
+
+/// Does organization `org` have row `id` in `table`?
+async fn exists_in_org(db: &Db, table: &'static str, org: Id, id: Id) -> Result<bool, StoreError> {
+    let found: Option<String> = sqlx::query_scalar(&format!(
+        "SELECT id FROM {table} WHERE id = $1 AND org_id = $2"
+    ))
+    .bind(id.to_string())
+    .bind(org.to_string())
+    .fetch_optional(&db.pool)
+    .await?;
+    Ok(found.is_some())
+}
+
+/// Ends a write transaction after its one conditional statement: committed when `res` changed
+/// a row, rolled back (with the routes-version bump that opened it) when it changed none.
+/// Whether it changed one.
+async fn commit_if_changed(
+    tx: sqlx::Transaction<'_, sqlx::Any>,
+    res: sqlx::any::AnyQueryResult,
+) -> Result<bool, StoreError> {
+    if res.rows_affected() == 0 {
+        tx.rollback().await?;
+        return Ok(false);
+    }
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// Runs each of `statements` (`DELETE … WHERE x = $1`) with `id`, in one transaction that
+/// bumps the routes version: a row and everything that refers to it go together.
+async fn delete_with_dependents(
+    db: &Db,
+    statements: &[&'static str],
+    id: Id,
+) -> Result<(), StoreError> {
+    let mut tx = db.pool.begin().await?;
+    bump_routes(&mut tx).await?;
+    for sql in statements {
+        sqlx::query(sql)
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Inserts link rows (`sql`, an `INSERT … VALUES ($1, $2, $3 created at, $4 created by) ON
+/// CONFLICT … DO NOTHING`), one per `b`, and bumps the routes version in the same transaction,
+/// so the edges learn of the access the links give. A link already there is fine.
+async fn add_links(db: &Db, sql: &'static str, a: Id, bs: &[Id], by: Id) -> Result<(), StoreError> {
+    let now = now_ms();
+    let mut tx = db.pool.begin().await?;
+    bump_routes(&mut tx).await?;
+    for b in bs {
+        sqlx::query(sql)
+            .bind(a.to_string())
+            .bind(b.to_string())
+            .bind(now)
+            .bind(by.to_string())
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
 /// Deletes one link row (`sql`, a `DELETE … WHERE x = $1 AND y = $2`) and bumps the routes
 /// version in the same transaction, so the edges drop the access the link gave (and close the
 /// connections it allowed). False, with nothing changed, when there was no such row.
@@ -437,13 +523,8 @@ async fn delete_link(db: &Db, sql: &'static str, a: Id, b: Id) -> Result<bool, S
         .bind(b.to_string())
         .execute(&mut *tx)
         .await?;
-    if res.rows_affected() == 0 {
-        // Nothing changed: roll the version bump back too.
-        tx.rollback().await?;
-        return Ok(false);
-    }
-    tx.commit().await?;
-    Ok(true)
+    // Nothing changed: the version bump is rolled back too.
+    commit_if_changed(tx, res).await
 }
 
 /// The distinct ids, as text, in first-seen order.

@@ -16,7 +16,11 @@ use marina_runtime::{Endpoint, Expected};
 use sqlx::Row;
 
 use super::page::{self, PageSpec};
-use super::{bind_all, bump_routes, get_id, get_opt_id, id_strings, now_ms, placeholders, Arg, Db};
+use super::rows::get_parsed;
+use super::{
+    bind_all, bump_routes, commit_if_changed, delete_with_dependents, get_id, get_opt_id,
+    id_strings, now_ms, placeholders, Arg, Db,
+};
 use crate::error::StoreError;
 use crate::model::{Included, Notebook, NotebookItem, NotebookTeam, Status, WorkloadConfig};
 
@@ -288,23 +292,15 @@ pub async fn team_links(db: &Db, id: Id, limit: i64) -> Result<Vec<NotebookTeam>
 
 /// Shares a notebook with `teams` (already shared is fine); new viewers for the edge.
 pub async fn share(db: &Db, id: Id, teams: &[Id], by: Id) -> Result<(), StoreError> {
-    let now = now_ms();
-    let mut tx = db.pool.begin().await?;
-    bump_routes(&mut tx).await?;
-    for t in teams {
-        sqlx::query(
-            "INSERT INTO notebook_teams (notebook_id, team_id, created_at, created_by, updated_at, updated_by)
-             VALUES ($1, $2, $3, $4, $3, $4) ON CONFLICT (notebook_id, team_id) DO NOTHING",
-        )
-        .bind(id.to_string())
-        .bind(t.to_string())
-        .bind(now)
-        .bind(by.to_string())
-        .execute(&mut *tx)
-        .await?;
-    }
-    tx.commit().await?;
-    Ok(())
+    super::add_links(
+        db,
+        "INSERT INTO notebook_teams (notebook_id, team_id, created_at, created_by, updated_at, updated_by)
+         VALUES ($1, $2, $3, $4, $3, $4) ON CONFLICT (notebook_id, team_id) DO NOTHING",
+        id,
+        teams,
+        by,
+    )
+    .await
 }
 
 /// Unshares a notebook from a team; false when it was not shared with it.
@@ -382,12 +378,7 @@ pub async fn mark_running(db: &Db, id: Id, session: Id, ep: &Endpoint) -> Result
     .bind(session.to_string())
     .execute(&mut *tx)
     .await?;
-    if res.rows_affected() == 0 {
-        tx.rollback().await?;
-        return Ok(false);
-    }
-    tx.commit().await?;
-    Ok(true)
+    commit_if_changed(tx, res).await
 }
 
 /// `from` (any up state when `from` is up) → `failed` with `message`, if the notebook is
@@ -416,12 +407,7 @@ pub async fn mark_failed(
     .bind(session.to_string())
     .execute(&mut *tx)
     .await?;
-    if res.rows_affected() == 0 {
-        tx.rollback().await?;
-        return Ok(false);
-    }
-    tx.commit().await?;
-    Ok(true)
+    commit_if_changed(tx, res).await
 }
 
 /// `starting`/`running`/`idle`/`detached` → `stopping` with `message`; `by` is recorded as
@@ -503,20 +489,12 @@ pub async fn begin_delete(db: &Db, id: Id) -> Result<(), StoreError> {
 /// Deletes a notebook's rows (its edge connections, team links, the notebook) in one
 /// transaction.
 pub async fn delete(db: &Db, id: Id) -> Result<(), StoreError> {
-    let mut tx = db.pool.begin().await?;
-    bump_routes(&mut tx).await?;
-    for sql in [
+    let statements = [
         "DELETE FROM edge_connections WHERE notebook_id = $1",
         "DELETE FROM notebook_teams WHERE notebook_id = $1",
         "DELETE FROM notebooks WHERE id = $1",
-    ] {
-        sqlx::query(sql)
-            .bind(id.to_string())
-            .execute(&mut *tx)
-            .await?;
-    }
-    tx.commit().await?;
-    Ok(())
+    ];
+    delete_with_dependents(db, &statements, id).await
 }
 
 /// A ping: activity and presence; idle/detached go straight back to running. False when the
@@ -645,14 +623,9 @@ pub async fn in_transition(db: &Db) -> Result<Vec<InTransition>, StoreError> {
     .await?;
     let mut out = Vec::with_capacity(rows.len());
     for row in rows {
-        let status: String = row.try_get("status")?;
-        let status = Status::parse(&status).ok_or(StoreError::Corrupt {
-            column: "status",
-            value: status,
-        })?;
         out.push(InTransition {
             id: get_id(&row, "id")?,
-            status,
+            status: get_parsed(&row, "status", "status", Status::parse)?,
             session: get_opt_id(&row, "session_id")?,
             workload_config_id: get_id(&row, "workload_config_id")?,
             since: row.try_get::<Option<i64>, _>("transition_at")?.unwrap_or(0),

@@ -56,6 +56,25 @@ pub struct Rows {
 
 /// One keyset page of rows of `from` (a table, maybe aliased) matching `cond`. `columns` are
 /// selected; `key` prefixes the key columns (`"n."` for an aliased table, else `""`).
+/// One page of organization `org`'s rows of `table` (one with an `org_id` column), all columns.
+pub(crate) async fn org_rows(
+    db: &Db,
+    table: &str,
+    org: Id,
+    page: PageSpec<'_>,
+) -> Result<Rows, StoreError> {
+    rows(
+        db,
+        table,
+        "*",
+        "",
+        "org_id = $1",
+        vec![Arg::S(org.to_string())],
+        page,
+    )
+    .await
+}
+
 pub(crate) async fn rows(
     db: &Db,
     from: &str,

@@ -10,12 +10,36 @@ use super::{get_id, get_opt_id, rfc3339};
 use crate::error::StoreError;
 use crate::model::{ApiKey, Member, Notebook, NotebookTeam, Role, Status, Team, WorkloadConfig};
 
+/// Reads text column `column` and decodes it with `parse`; a value it rejects is
+/// [`StoreError::Corrupt`] named `what`.
+pub(super) fn get_parsed<T>(
+    row: &AnyRow,
+    column: &'static str,
+    what: &'static str,
+    parse: impl FnOnce(&str) -> Option<T>,
+) -> Result<T, StoreError> {
+    let value: String = row.try_get(column)?;
+    parse(&value).ok_or(StoreError::Corrupt {
+        column: what,
+        value,
+    })
+}
+
+/// Reads JSON text column `column`; text that does not decode is [`StoreError::Corrupt`]
+/// named `what`.
+fn get_json<T: serde::de::DeserializeOwned>(
+    row: &AnyRow,
+    column: &'static str,
+    what: &'static str,
+) -> Result<T, StoreError> {
+    get_parsed(row, column, what, |text| serde_json::from_str(text).ok())
+}
+
 impl Notebook {
     pub(crate) fn from_row(
         row: &AnyRow,
         detached_timeout_seconds: i64,
     ) -> Result<Notebook, StoreError> {
-        let status: String = row.try_get("status")?;
         let created_at: i64 = row.try_get("created_at")?;
         Ok(Notebook {
             id: get_id(row, "id")?,
@@ -24,10 +48,7 @@ impl Notebook {
             workload_config_id: get_id(row, "workload_config_id")?,
             name: row.try_get("name")?,
             description: row.try_get("description")?,
-            status: Status::parse(&status).ok_or(StoreError::Corrupt {
-                column: "status",
-                value: status,
-            })?,
+            status: get_parsed(row, "status", "status", Status::parse)?,
             status_message: row.try_get("status_message")?,
             idle_timeout_seconds: row.try_get("idle_timeout_seconds")?,
             detached_timeout_seconds,
@@ -63,22 +84,14 @@ impl Team {
 
 impl WorkloadConfig {
     pub(crate) fn from_row(row: &AnyRow) -> Result<WorkloadConfig, StoreError> {
-        let config: String = row.try_get("config")?;
-        let limits: String = row.try_get("endpoint_limits")?;
         let created_at: i64 = row.try_get("created_at")?;
         Ok(WorkloadConfig {
             id: get_id(row, "id")?,
             name: row.try_get("name")?,
             workload_type: row.try_get("workload_type")?,
             cluster_id: get_opt_id(row, "cluster_id")?,
-            config: serde_json::from_str(&config).map_err(|_| StoreError::Corrupt {
-                column: "workload_configs.config",
-                value: config.clone(),
-            })?,
-            endpoint_limits: serde_json::from_str(&limits).map_err(|_| StoreError::Corrupt {
-                column: "workload_configs.endpoint_limits",
-                value: limits.clone(),
-            })?,
+            config: get_json(row, "config", "workload_configs.config")?,
+            endpoint_limits: get_json(row, "endpoint_limits", "workload_configs.endpoint_limits")?,
             created_at: rfc3339(created_at),
             created_at_ms: created_at,
             created_by: get_opt_id(row, "created_by")?,
@@ -103,17 +116,13 @@ impl NotebookTeam {
 
 impl Member {
     pub(crate) fn from_row(row: &AnyRow) -> Result<Member, StoreError> {
-        let role: String = row.try_get("role")?;
         let created_at: i64 = row.try_get("created_at")?;
         Ok(Member {
             id: get_id(row, "id")?,
             organization_id: get_id(row, "org_id")?,
             name: row.try_get("name")?,
             email: row.try_get("email")?,
-            role: Role::parse(&role).ok_or(StoreError::Corrupt {
-                column: "members.role",
-                value: role,
-            })?,
+            role: get_parsed(row, "role", "members.role", Role::parse)?,
             created_at: rfc3339(created_at),
             created_at_ms: created_at,
             created_by: get_opt_id(row, "created_by")?,

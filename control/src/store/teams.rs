@@ -5,30 +5,18 @@ use marina_config::Id;
 use sqlx::Row;
 
 use super::page::{self, PageSpec};
-use super::{bump_routes, get_id, get_opt_id, now_ms, placeholders, rfc3339, Arg, Db};
+use super::{get_id, get_opt_id, now_ms, placeholders, rfc3339, Db};
 use crate::error::StoreError;
 use crate::model::{Page, Team, TeamMember, TeamWithCount};
 
 /// A team of organization `org`.
 pub async fn fetch(db: &Db, org: Id, id: Id) -> Result<Option<Team>, StoreError> {
-    sqlx::query("SELECT * FROM teams WHERE id = $1 AND org_id = $2")
-        .bind(id.to_string())
-        .bind(org.to_string())
-        .fetch_optional(&db.pool)
-        .await?
-        .map(|r| Team::from_row(&r))
-        .transpose()
+    super::fetch_in_org(db, "teams", org, id, Team::from_row).await
 }
 
 /// Does organization `org` have team `id`?
 pub async fn exists(db: &Db, org: Id, id: Id) -> Result<bool, StoreError> {
-    let found: Option<String> =
-        sqlx::query_scalar("SELECT id FROM teams WHERE id = $1 AND org_id = $2")
-            .bind(id.to_string())
-            .bind(org.to_string())
-            .fetch_optional(&db.pool)
-            .await?;
-    Ok(found.is_some())
+    super::exists_in_org(db, "teams", org, id).await
 }
 
 /// Teams by id with their member counts, newest first.
@@ -60,16 +48,7 @@ pub async fn with_counts(db: &Db, ids: &[Id]) -> Result<Vec<TeamWithCount>, Stor
 
 /// A page of the organization's teams with member counts.
 pub async fn page(db: &Db, org: Id, spec: PageSpec<'_>) -> Result<Page<TeamWithCount>, StoreError> {
-    let rows = page::rows(
-        db,
-        "teams",
-        "*",
-        "",
-        "org_id = $1",
-        vec![Arg::S(org.to_string())],
-        spec,
-    )
-    .await?;
+    let rows = page::org_rows(db, "teams", org, spec).await?;
     let ids = rows
         .rows
         .iter()
@@ -123,20 +102,12 @@ pub async fn rename(db: &Db, org: Id, id: Id, name: &str, by: Id) -> Result<(), 
 
 /// Deletes a team, its memberships and its notebook links, in one transaction.
 pub async fn delete(db: &Db, id: Id) -> Result<(), StoreError> {
-    let mut tx = db.pool.begin().await?;
-    bump_routes(&mut tx).await?;
-    for sql in [
+    let statements = [
         "DELETE FROM notebook_teams WHERE team_id = $1",
         "DELETE FROM team_members WHERE team_id = $1",
         "DELETE FROM teams WHERE id = $1",
-    ] {
-        sqlx::query(sql)
-            .bind(id.to_string())
-            .execute(&mut *tx)
-            .await?;
-    }
-    tx.commit().await?;
-    Ok(())
+    ];
+    super::delete_with_dependents(db, &statements, id).await
 }
 
 /// A team's members, oldest first.
@@ -160,23 +131,15 @@ pub async fn members(db: &Db, team: Id) -> Result<Vec<TeamMember>, StoreError> {
 
 /// Adds members to a team (already there is fine).
 pub async fn add_members(db: &Db, team: Id, members: &[Id], by: Id) -> Result<(), StoreError> {
-    let now = now_ms();
-    let mut tx = db.pool.begin().await?;
-    bump_routes(&mut tx).await?;
-    for m in members {
-        sqlx::query(
-            "INSERT INTO team_members (team_id, member_id, created_at, created_by) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (team_id, member_id) DO NOTHING",
-        )
-        .bind(team.to_string())
-        .bind(m.to_string())
-        .bind(now)
-        .bind(by.to_string())
-        .execute(&mut *tx)
-        .await?;
-    }
-    tx.commit().await?;
-    Ok(())
+    super::add_links(
+        db,
+        "INSERT INTO team_members (team_id, member_id, created_at, created_by) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (team_id, member_id) DO NOTHING",
+        team,
+        members,
+        by,
+    )
+    .await
 }
 
 /// Removes a member from a team; false when he was not in it.
