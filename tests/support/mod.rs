@@ -1,34 +1,14 @@
 //! Test support: a real `marina serve` in a temporary data directory, on free loopback ports,
-//! with the notebook Python environment of `scripts/setup-python.sh`, and a small API client.
+//! with the notebook Python environment of `scripts/setup-python.sh` (both from
+//! `marina_testkit::venv`), and a small API client.
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-/// A free loopback port (bound then released; the tiny race is acceptable in tests).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// The notebook Python environment the tests share.
-pub fn venv() -> PathBuf {
-    let dir = std::env::var_os("NOTEBOOK_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv"));
-    assert!(
-        dir.join("bin/marimo").exists(),
-        "no notebook environment at {} — run scripts/setup-python.sh (scripts/test.sh does)",
-        dir.display()
-    );
-    dir
-}
+pub use marina_testkit::venv::{dir as venv, free_port};
 
 /// A running `marina serve`.
 pub struct Marina {
