@@ -179,6 +179,7 @@ impl ControlPlane {
         BackgroundGuard {
             stop: Some(tx),
             task: Some(task),
+            lifecycle: state.lifecycle.clone(),
         }
     }
 
@@ -272,16 +273,33 @@ async fn create_organization(
 pub struct BackgroundGuard {
     stop: Option<tokio::sync::watch::Sender<bool>>,
     task: Option<tokio::task::JoinHandle<()>>,
+    lifecycle: lifecycle::Lifecycle,
 }
 
+/// How long a graceful shutdown waits for this process's start and stop tasks.
+const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
 impl BackgroundGuard {
-    /// Signals the monitor and waits for it to finish its current tick.
+    /// Signals the monitor and waits for it to finish its current tick, then lets the
+    /// in-flight starts and stops finish (within [`DRAIN_TIMEOUT`]) and gives the monitor
+    /// lease up, so a successor takes over (and reconciles) at once.
     pub async fn stop(&mut self) {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(true);
         }
         if let Some(task) = self.task.take() {
             let _ = task.await;
+            let left = self.lifecycle.drain(DRAIN_TIMEOUT).await;
+            if left > 0 {
+                tracing::warn!(
+                    left,
+                    "shutting down with lifecycle tasks unfinished; the next monitor drives them again"
+                );
+            }
+            let lc = &self.lifecycle;
+            if let Err(e) = lc.db.release_lease("monitor", &lc.instance_id).await {
+                tracing::warn!(error = %e, "releasing the monitor lease");
+            }
         }
     }
 }

@@ -18,7 +18,9 @@ pub(super) fn spawn_start(lc: &Lifecycle, id: Id, session: Id, sail: SailConfig)
     let ops = lc.driver.ops(id);
     let task_lc = lc.clone();
     let task_ops = ops.clone();
+    let in_flight = lc.driver.in_flight.enter();
     let handle = tokio::spawn(async move {
+        let _in_flight = in_flight;
         let _serial = task_ops.lock.lock().await;
         drive_start(&task_lc, id, session, sail).await;
     });
@@ -123,8 +125,10 @@ pub(super) fn truncate(s: &str, max: usize) -> String {
 pub(super) fn spawn_stop(lc: &Lifecycle, id: Id) {
     lc.driver.abort_start(id);
     let ops = lc.driver.ops(id);
+    let in_flight = lc.driver.in_flight.enter();
     let lc = lc.clone();
     tokio::spawn(async move {
+        let _in_flight = in_flight;
         let _serial = ops.lock.lock().await;
         drive_stop(&lc, id).await;
     });
@@ -330,5 +334,32 @@ mod tests {
             "{msg}"
         );
         assert_eq!(f.rt.stops_of(nb), 5);
+    }
+
+    #[tokio::test]
+    async fn drain_waits_for_the_tasks_in_flight_and_a_stop_is_recorded_before_it_returns() {
+        let f = Fixture::new(1, |_| {}).await;
+        let nb = f.notebook(0).await;
+        // A start held inside the runtime is in flight: drain gives up and says so.
+        f.rt.hold_starts.store(true, Ordering::SeqCst);
+        let session = f.begin_start(nb).await;
+        let entered = f.rt.entered.notified();
+        spawn_start(&f.lc, nb, session, sail(1));
+        entered.await;
+        assert_eq!(f.lc.drain(Duration::from_millis(100)).await, 1);
+        // Once it answers, nothing is left.
+        f.rt.hold_starts.store(false, Ordering::SeqCst);
+        f.rt.release.notify_one();
+        assert_eq!(f.lc.drain(Duration::from_secs(10)).await, 0);
+        assert_eq!(f.get(nb).await.status, Status::Running);
+        // A stop spawned just before a shutdown: when drain returns, the store says stopped.
+        store::begin_stop(&f.lc.db, nb, None, None, 60)
+            .await
+            .expect("begin stop")
+            .expect("won the stop");
+        spawn_stop(&f.lc, nb);
+        assert_eq!(f.lc.drain(Duration::from_secs(10)).await, 0);
+        assert_eq!(f.get(nb).await.status, Status::Stopped);
+        assert!(!f.rt.is_running(nb));
     }
 }

@@ -41,6 +41,7 @@ mod transitions;
 use std::collections::HashMap;
 use std::ops::Deref;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use marina_config::wire::ActivityBatch;
 use marina_config::{Id, Settings};
@@ -134,6 +135,23 @@ impl Lifecycle {
         transitions::record_activity(self, batch).await
     }
 
+    /// Waits, at most `within`, for the start and stop tasks of this process to finish; returns
+    /// how many are still running. For a graceful shutdown: a start cut short is driven again
+    /// by the next leaseholder, but a stop should end here, where its runtime calls run.
+    pub async fn drain(&self, within: Duration) -> usize {
+        let in_flight = &self.driver.in_flight;
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let idle = in_flight.idle.notified();
+            if in_flight.count() == 0 {
+                return 0;
+            }
+            if tokio::time::timeout_at(deadline, idle).await.is_err() {
+                return in_flight.count();
+            }
+        }
+    }
+
     /// Runs the monitor until `shutdown` fires.
     pub async fn run_monitor(self, shutdown: tokio::sync::watch::Receiver<bool>) {
         monitor::run_monitor(self, shutdown).await
@@ -195,6 +213,44 @@ pub const PING_PRESENCE_MS: i64 = 90_000;
 struct Driver {
     /// Short critical sections (map lookups); never held across `.await`.
     ops: Mutex<HashMap<Id, Arc<NotebookOps>>>,
+    /// Start and stop tasks not finished yet, so a graceful shutdown can let them finish:
+    /// a control plane restarted while it stops a notebook must not leave it `stopping`
+    /// with its servers still up (the load test's control restart found that).
+    in_flight: Arc<InFlight>,
+}
+
+/// A count of running driver tasks and a way to wait for it to reach zero.
+#[derive(Default)]
+struct InFlight {
+    count: std::sync::atomic::AtomicUsize,
+    idle: Notify,
+}
+
+/// Held by a driver task for its whole life; dropped also when the task is aborted.
+struct InFlightGuard(Arc<InFlight>);
+
+impl InFlight {
+    fn enter(self: &Arc<Self>) -> InFlightGuard {
+        self.count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        InFlightGuard(self.clone())
+    }
+
+    fn count(&self) -> usize {
+        self.count.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        if self
+            .0
+            .count
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst)
+            == 1
+        {
+            self.0.idle.notify_waiters();
+        }
+    }
 }
 
 #[derive(Default)]

@@ -439,4 +439,29 @@ mod tests {
         assert_eq!(f.routed(gone).await, None);
         assert_eq!(f.get(alive).await.status, Status::Running);
     }
+
+    #[tokio::test]
+    async fn a_released_monitor_lease_is_taken_at_once_by_another_replica() {
+        let f = Fixture::new(1, |_| {}).await;
+        let db = &f.lc.db;
+        assert!(db
+            .try_lease(MONITOR_LEASE, "a", 60_000)
+            .await
+            .expect("lease"));
+        assert!(!db
+            .try_lease(MONITOR_LEASE, "b", 60_000)
+            .await
+            .expect("lease"));
+        // Only its holder can give it up.
+        db.release_lease(MONITOR_LEASE, "b").await.expect("release");
+        assert!(!db
+            .try_lease(MONITOR_LEASE, "b", 60_000)
+            .await
+            .expect("lease"));
+        db.release_lease(MONITOR_LEASE, "a").await.expect("release");
+        assert!(db
+            .try_lease(MONITOR_LEASE, "b", 60_000)
+            .await
+            .expect("lease"));
+    }
 }

@@ -333,6 +333,17 @@ impl Db {
         Ok(res.rows_affected() == 1)
     }
 
+    /// Gives the named lease up if `holder` holds it, so another replica (or this one's
+    /// successor after a restart) takes it at once instead of after it expires.
+    pub async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM leases WHERE name = $1 AND holder = $2")
+            .bind(name)
+            .bind(holder)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// The current routes version.
     pub async fn route_version(&self) -> Result<u64, StoreError> {
         let v: i64 = sqlx::query_scalar("SELECT version FROM route_version WHERE id = 1")
