@@ -2,8 +2,9 @@
 # The whole test suite, on a fresh machine: what README.md tells you to run and what .ci/run runs.
 # It installs and starts what the tests need (a throwaway PostgreSQL, the pinned notebook Python
 # environment, Debian's Chromium for the browser tests), then runs lints, every Rust test
-# (unit, API on SQLite and PostgreSQL, real Marimo and Sail processes, end to end) and the
-# browser tests.
+# (unit, API on SQLite and PostgreSQL, real Marimo and Sail processes, end to end), the
+# smoke-size load test (scripts/loadtest.sh --smoke: its report lands in target/loadtest-smoke)
+# and the browser tests.
 #   scripts/test.sh            everything
 #   SKIP_LINT=1 scripts/test.sh   without fmt/clippy
 set -euo pipefail
@@ -46,6 +47,9 @@ cargo test --workspace --no-fail-fast
 
 step "the notebook sandbox as an unprivileged Marina makes it"
 scripts/test-sandbox-unprivileged.sh
+
+step "load test, smoke size (PostgreSQL, control plane, 2 edges, real notebooks, faults)"
+scripts/loadtest.sh --smoke --out target/loadtest-smoke
 
 if [ -x scripts/browser-test.sh ]; then
   step "browser tests (headless Chromium)"

@@ -479,7 +479,10 @@ pub fn leftovers(dir: &Path, pids: &[(i32, u64)]) -> Vec<String> {
         }
     }
     for (pid, start) in pids {
-        if start_ticks(*pid) == Some(*start) {
+        // A zombie holds nothing but its pid: it waits for a parent to reap it, and a parent
+        // that died (the control plane restarted) hands that to PID 1, which in some
+        // containers never reaps.
+        if start_ticks(*pid) == Some(*start) && !is_zombie(*pid) {
             let cmd = std::fs::read(format!("/proc/{pid}/cmdline"))
                 .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
                 .unwrap_or_default();
@@ -490,6 +493,13 @@ pub fn leftovers(dir: &Path, pids: &[(i32, u64)]) -> Vec<String> {
         }
     }
     found
+}
+
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.get(s.rfind(')')? + 2..)?.chars().next())
+        .is_some_and(|c| c == 'Z' || c == 'X')
 }
 
 /// Start time of a process (field 22 of `/proc/<pid>/stat`), to tell it from a reused pid.
