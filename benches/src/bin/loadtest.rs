@@ -13,8 +13,8 @@ use marina_bench::loadtest::{self, traffic::Behaviour, Options};
     about = "Marina under load on loopback: PostgreSQL, control plane, N edges, real notebooks, faults"
 )]
 struct Cli {
-    /// The `marina` binary.
-    #[arg(long)]
+    /// The `marina` binary (to start the deployment on loopback).
+    #[arg(long, default_value = "target/release/marina")]
     marina: PathBuf,
     /// The notebook Python environment (default: NOTEBOOK_VENV, else <workspace>/.venv).
     #[arg(long)]
@@ -49,6 +49,21 @@ struct Cli {
     /// No faults (a clean baseline run).
     #[arg(long)]
     no_faults: bool,
+    /// Drive an existing deployment: its control API (then also --admin-key, --public-url).
+    #[arg(long, env = "LOADTEST_API")]
+    api: Option<String>,
+    /// An admin API key of the organization to fill (and empty again).
+    #[arg(long, env = "LOADTEST_ADMIN_KEY", hide_env_values = true)]
+    admin_key: Option<String>,
+    /// The edge's public URL (`proxy.public_url`).
+    #[arg(long, env = "LOADTEST_PUBLIC_URL")]
+    public_url: Option<String>,
+    /// Edge replica addresses to spread clients over, comma-separated (default: the public URL).
+    #[arg(long, env = "LOADTEST_EDGES", value_delimiter = ',')]
+    edge_urls: Vec<String>,
+    /// The internal token, for the direct-to-Marimo baseline only.
+    #[arg(long, env = "LOADTEST_INTERNAL_TOKEN", hide_env_values = true)]
+    internal_token: Option<String>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -69,9 +84,21 @@ fn main() -> std::process::ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<bool> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let venv = match cli.venv {
-        Some(v) => v,
-        None => loadtest::venv_from_env(&root)?,
+    let remote = match (cli.api, cli.admin_key, cli.public_url) {
+        (None, _, _) => None,
+        (Some(api), Some(admin_key), Some(public_url)) => Some(loadtest::Remote {
+            api,
+            admin_key,
+            public_url,
+            edges: cli.edge_urls,
+            internal_token: cli.internal_token,
+        }),
+        _ => anyhow::bail!("--api needs --admin-key and --public-url as well"),
+    };
+    let venv = match (&remote, cli.venv) {
+        (_, Some(v)) => v,
+        (Some(_), None) => PathBuf::new(),
+        (None, None) => loadtest::venv_from_env(&root)?,
     };
     let (notebooks, viewers, edges, duration, direct, large) = if cli.smoke {
         (3, 2, 2, 100, 1, 1 << 20)
@@ -96,7 +123,12 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         venv,
         out: cli.out.clone(),
         notebooks,
-        direct: cli.direct.unwrap_or(direct),
+        // The baseline reads the notebooks' addresses from the internal routes feed.
+        direct: if remote.as_ref().is_some_and(|r| r.internal_token.is_none()) {
+            0
+        } else {
+            cli.direct.unwrap_or(direct)
+        },
         viewers: cli.viewers.unwrap_or(viewers),
         edges,
         duration: Duration::from_secs(cli.duration.unwrap_or(duration)),
@@ -110,11 +142,12 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         idle_timeout_s: 45,
         detached_timeout_s: 35,
         faults: !cli.no_faults,
-        label: if cli.smoke {
-            "smoke".into()
-        } else {
-            "full".into()
+        label: match (&remote, cli.smoke) {
+            (Some(r), _) => format!("the deployment at {}", r.api),
+            (None, true) => "smoke".into(),
+            (None, false) => "full".into(),
         },
+        remote,
     };
     let report = loadtest::run(opts).await?;
     for c in &report.checks {

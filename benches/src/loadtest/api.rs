@@ -103,6 +103,8 @@ pub struct NotebookPlan {
     /// The teams it is shared with and which viewers (by index) are in each.
     pub teams: Vec<(String, Vec<usize>)>,
     pub role: NotebookRole,
+    /// The workload config (one for the whole run).
+    pub config: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -244,7 +246,36 @@ pub async fn populate(
             viewers: vs,
             teams,
             role,
+            config: cfg.clone(),
         });
     }
     Ok(plans)
+}
+
+/// Deletes what [`populate`] made: notebooks, then teams, members and the config. Returns what
+/// could not be deleted.
+pub async fn remove(api: &Api, admin: &str, plans: &[NotebookPlan]) -> Vec<String> {
+    let mut paths = Vec::new();
+    for p in plans {
+        paths.push(format!("/workloads/notebooks/{}", p.id));
+    }
+    for p in plans {
+        paths.extend(p.teams.iter().map(|(t, _)| format!("/iam/teams/{t}")));
+    }
+    for p in plans {
+        paths.push(format!("/iam/members/{}", p.owner.id));
+        paths.extend(p.viewers.iter().map(|v| format!("/iam/members/{}", v.id)));
+    }
+    if let Some(p) = plans.first() {
+        paths.push(format!("/workloads/configs/{}", p.config));
+    }
+    let mut failures = Vec::new();
+    for path in paths {
+        match api.call(admin, "DELETE", &path, None).await {
+            Ok(a) if a.status == 204 || a.status == 200 => {}
+            Ok(a) => failures.push(format!("DELETE {path}: {} {}", a.status, a.body)),
+            Err(e) => failures.push(format!("DELETE {path}: {e}")),
+        }
+    }
+    failures
 }

@@ -28,7 +28,27 @@ pub async fn sample(
         client: 0,
     };
     let index: HashMap<String, usize> = plans.iter().map(|p| (p.id.clone(), p.index)).collect();
+    let mut cpu = cpu_times();
     loop {
+        let now_cpu = cpu_times();
+        let busy = match (cpu, now_cpu) {
+            (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => {
+                100.0 * (b1 - b0) as f64 / (t1 - t0) as f64
+            }
+            _ => 0.0,
+        };
+        cpu = now_cpu;
+        let fds: u64 = edge_pids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|pid| {
+                std::fs::read_dir(format!("/proc/{pid}/fd"))
+                    .map(|d| d.count() as u64)
+                    .unwrap_or(0)
+            })
+            .sum();
+        w.rec.machine(busy, mem_used_gib().unwrap_or(0.0), fds);
         let pids: Vec<(usize, u32)> = edge_pids
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -75,6 +95,35 @@ pub async fn sample(
     }
 }
 
+/// (busy, total) jiffies of all CPUs, from `/proc/stat`.
+fn cpu_times() -> Option<(u64, u64)> {
+    let s = std::fs::read_to_string("/proc/stat").ok()?;
+    let v: Vec<u64> = s
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().take(8).sum();
+    let idle = v.get(3)? + v.get(4).unwrap_or(&0);
+    Some((total - idle, total))
+}
+
+/// Memory in use on the machine (MemTotal − MemAvailable), GiB.
+fn mem_used_gib() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib = |key: &str| -> Option<f64> {
+        s.lines()
+            .find(|l| l.starts_with(key))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    Some((kib("MemTotal:")? - kib("MemAvailable:")?) / (1024.0 * 1024.0))
+}
+
 async fn until(within: Duration, mut ok: impl AsyncFnMut() -> bool) -> Option<f64> {
     let started = Instant::now();
     while started.elapsed() < within {
@@ -89,7 +138,7 @@ async fn until(within: Duration, mut ok: impl AsyncFnMut() -> bool) -> Option<f6
 /// Runs the fault plan; returns when the last fault has recovered (or given up).
 pub async fn plan(
     w: &Arc<World>,
-    d: &mut Deployment,
+    mut d: Option<&mut Deployment>,
     plans: &[NotebookPlan],
     admin: &str,
     duration: Duration,
@@ -105,9 +154,15 @@ pub async fn plan(
 
     // 1. An edge replica killed (SIGKILL): its clients move to another with their cookies.
     wait_until(at(0.15)).await;
-    if d.edges.len() >= 2 {
+    if let Some(d) = d.as_deref_mut().filter(|d| d.edges.len() >= 2) {
         let victim = d.edges.len() - 1;
-        let before = rec.lock().open_sockets;
+        let (cut, moved_before) = {
+            let g = rec.lock();
+            (
+                g.open_by_edge.get(&victim).copied().unwrap_or(0),
+                g.moved_from.get(&victim).copied().unwrap_or(0),
+            )
+        };
         let f = rec.fault(Fault {
             kind: "edge_kill".into(),
             target: format!("edge-{victim}"),
@@ -121,19 +176,17 @@ pub async fn plan(
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&victim);
-        // Recovered: as many sockets open as before, on the replicas left.
-        let back = until(Duration::from_secs(60), async || {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            rec.lock().open_sockets >= before
-        })
-        .await;
+        // Recovered: every socket the kill cut is open again on another replica.
+        let moved = || rec.lock().moved_from.get(&victim).copied().unwrap_or(0) - moved_before;
+        let back = until(Duration::from_secs(60), async || moved() >= cut).await;
         let lost = match back {
             Some(_) => vec![],
             None => vec![format!(
-                "{} of {before} sockets not reopened within 60 s",
-                before - rec.lock().open_sockets
+                "{} of the {cut} sockets it cut not reopened elsewhere within 60 s",
+                cut - moved()
             )],
         };
+        rec.note(format!("the edge kill cut {cut} sockets"));
         rec.recovered(f, back, lost);
         // Back to full strength for the rest of the run.
         if d.restart_edge(victim).is_ok()
@@ -192,6 +245,10 @@ pub async fn plan(
     // 3. The control plane restarted (SIGTERM, as a rollout does): the edges keep serving what
     //    they know; activity is not lost for more than one batch.
     wait_until(at(0.42)).await;
+    let Some(d) = d else {
+        rec.note("an existing deployment: the restarts and kills are left out".to_owned());
+        return;
+    };
     if let Some(pid) = d.control.pid() {
         child_pids.extend(deploy::descendants(pid));
     }

@@ -50,10 +50,62 @@ pub struct Options {
     pub detached_timeout_s: u64,
     pub faults: bool,
     pub label: String,
+    /// An existing deployment to drive instead of starting one on loopback.
+    pub remote: Option<Remote>,
+}
+
+/// A deployment someone else runs: its addresses and keys (`docs/deploy.md`, "Load-testing
+/// your deployment"). The faults that need its processes are skipped; the sharing change,
+/// the traffic and the checks of what the API says still run.
+#[derive(Clone, Debug)]
+pub struct Remote {
+    /// The control API, e.g. `https://marina-api.example.com`.
+    pub api: String,
+    /// An admin API key of the organization the run may fill (and empties again after).
+    pub admin_key: String,
+    /// `proxy.public_url`: what the one-time URLs name.
+    pub public_url: String,
+    /// Addresses of the edge replicas to spread clients over (default: the public URL).
+    pub edges: Vec<String>,
+    /// The internal token, only for the direct-to-Marimo baseline (and only where the
+    /// notebooks' addresses are reachable from here).
+    pub internal_token: Option<String>,
+}
+
+/// Where the run's clients go, whoever started the deployment.
+struct Conn {
+    api: String,
+    admin_key: String,
+    public_url: String,
+    edges: Vec<String>,
+    internal_token: String,
 }
 
 pub async fn run(opts: Options) -> Result<report::Report> {
     std::fs::create_dir_all(&opts.out)?;
+    let started = Instant::now();
+    if let Some(remote) = &opts.remote {
+        eprintln!("loadtest: driving the deployment at {}", remote.api);
+        let conn = Conn {
+            api: remote.api.trim_end_matches('/').to_owned(),
+            admin_key: remote.admin_key.clone(),
+            public_url: remote.public_url.trim_end_matches('/').to_owned(),
+            edges: if remote.edges.is_empty() {
+                vec![remote.public_url.trim_end_matches('/').to_owned()]
+            } else {
+                remote
+                    .edges
+                    .iter()
+                    .map(|e| e.trim_end_matches('/').to_owned())
+                    .collect()
+            },
+            internal_token: remote.internal_token.clone().unwrap_or_default(),
+        };
+        let mut rep = drive(&opts, &conn, None, started).await?;
+        report::finish(&mut rep);
+        report::write(&rep, &opts.out)?;
+        return Ok(rep);
+    }
     let work = tempfile::Builder::new()
         .prefix("marina-loadtest-")
         .tempdir_in(std::env::temp_dir())?;
@@ -62,7 +114,6 @@ pub async fn run(opts: Options) -> Result<report::Report> {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755))?;
     }
-    let started = Instant::now();
     eprintln!(
         "loadtest: starting PostgreSQL, the control plane and {} edges in {}",
         opts.edges,
@@ -77,7 +128,14 @@ pub async fn run(opts: Options) -> Result<report::Report> {
         detached_timeout_s: opts.detached_timeout_s,
     })
     .await?;
-    let result = drive(&opts, &mut deployment, started).await;
+    let conn = Conn {
+        api: deployment.api.clone(),
+        admin_key: deployment.admin_key.clone(),
+        public_url: deployment.public_url.clone(),
+        edges: deployment.edges.iter().map(|e| e.url.clone()).collect(),
+        internal_token: deployment.internal_token.clone(),
+    };
+    let result = drive(&opts, &conn, Some(&mut deployment), started).await;
     // Whatever happened, the logs go to the output folder for a person to read.
     for name in
         std::iter::once("control".to_owned()).chain((0..opts.edges).map(|i| format!("edge-{i}")))
@@ -101,15 +159,20 @@ pub async fn run(opts: Options) -> Result<report::Report> {
 
 async fn drive(
     opts: &Options,
-    d: &mut deploy::Deployment,
+    conn: &Conn,
+    mut d: Option<&mut deploy::Deployment>,
     started: Instant,
 ) -> Result<report::Report> {
-    let api = Api::new(&d.api);
-    let admin = d.admin_key.clone();
+    let api = Api::new(&conn.api);
+    let admin = conn.admin_key.clone();
     let mut roles = vec![NotebookRole::Active; opts.notebooks];
     roles.extend(std::iter::repeat_n(NotebookRole::Direct, opts.direct));
-    roles.push(NotebookRole::IdleTab);
-    roles.push(NotebookRole::Detached);
+    // The idle and detached checks need this run's short server-wide timeouts: only on the
+    // deployment it starts itself.
+    if opts.remote.is_none() {
+        roles.push(NotebookRole::IdleTab);
+        roles.push(NotebookRole::Detached);
+    }
     eprintln!(
         "loadtest: creating {} notebooks, their owners and {} viewers each",
         roles.len(),
@@ -155,9 +218,9 @@ async fn drive(
     let world = Arc::new(World {
         rec: rec.clone(),
         api: api.clone(),
-        public_url: d.public_url.clone(),
-        edges: d.edges.iter().map(|e| e.url.clone()).collect(),
-        internal_token: d.internal_token.clone(),
+        public_url: conn.public_url.clone(),
+        edges: conn.edges.clone(),
+        internal_token: conn.internal_token.clone(),
         behaviour: opts.behaviour.clone(),
         stop: stop_rx,
         revoked: Mutex::default(),
@@ -187,7 +250,7 @@ async fn drive(
             ))),
         }
     }
-    let pids = edge_pids(d);
+    let pids = edge_pids(d.as_deref());
     let sampler = tokio::spawn(faults::sample(
         world.clone(),
         plans.clone(),
@@ -198,7 +261,7 @@ async fn drive(
     if opts.faults {
         faults::plan(
             &world,
-            d,
+            d.as_deref_mut(),
             &plans,
             &admin,
             opts.duration,
@@ -211,7 +274,7 @@ async fn drive(
         .duration
         .saturating_sub(Duration::from_secs_f64(rec.now()));
     tokio::time::sleep(remaining).await;
-    if let Some(pid) = d.control.pid() {
+    if let Some(pid) = d.as_ref().and_then(|d| d.control.pid()) {
         child_pids.extend(deploy::descendants(pid));
     }
 
@@ -264,10 +327,17 @@ async fn drive(
         }
     }
     let stop_all_s = stop_started.elapsed().as_secs_f64();
-    let edge_logs: Vec<String> = (0..d.edges.len())
-        .map(|i| d.edges[i].part.log_tail(2000))
-        .collect();
-    let control_log = d.control.log_tail(5000);
+    // What the run made goes again (on a shared deployment, nothing of it may stay).
+    stop_failures.extend(api::remove(&api, &admin, &plans).await);
+    let leaked = match &d {
+        Some(d) => {
+            let edge_logs: Vec<String> = (0..d.edges.len())
+                .map(|i| d.edges[i].part.log_tail(2000))
+                .collect();
+            leaked_secrets(&plans, d, &edge_logs, &d.control.log_tail(5000))
+        }
+        None => Vec::new(),
+    };
     Ok(report::Report::new(
         opts,
         &rec,
@@ -282,15 +352,14 @@ async fn drive(
         state,
         stop_failures,
         child_pids,
-        leaked_secrets(&plans, d, &edge_logs, &control_log),
+        leaked,
     ))
 }
 
-fn edge_pids(d: &deploy::Deployment) -> Arc<Mutex<HashMap<usize, u32>>> {
+fn edge_pids(d: Option<&deploy::Deployment>) -> Arc<Mutex<HashMap<usize, u32>>> {
     Arc::new(Mutex::new(
-        d.edges
-            .iter()
-            .enumerate()
+        d.into_iter()
+            .flat_map(|d| d.edges.iter().enumerate())
             .filter_map(|(i, e)| Some((i, e.part.pid()?)))
             .collect(),
     ))

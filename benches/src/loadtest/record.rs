@@ -99,6 +99,10 @@ pub struct Second {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub edge_rss_mib: f64,
+    /// The machine: CPU busy (all cores, %), memory in use (GiB), the edges' open files.
+    pub cpu_busy_pct: f64,
+    pub mem_used_gib: f64,
+    pub edge_fds: u64,
 }
 
 /// When a socket was open: from, and until (`None`: still open).
@@ -120,6 +124,10 @@ pub struct Inner {
     pub seconds: Vec<Second>,
     pub open_sockets: i64,
     pub peak_open_sockets: i64,
+    /// Sockets open now per edge replica.
+    pub open_by_edge: HashMap<usize, i64>,
+    /// Per replica: clients whose next socket went to another replica.
+    pub moved_from: HashMap<usize, i64>,
     /// Revoked viewers: seconds from the unshare call's answer to their socket's close.
     pub revocations: Vec<(String, Option<f64>)>,
     /// Notebook → status changes seen by the sampler: (at, status, statusMessage).
@@ -202,19 +210,32 @@ impl Recorder {
         });
     }
 
-    pub fn socket_opened(&self) {
+    /// A socket opened through `via`; `previous` is where the same client's last socket was
+    /// (so a replica's clients can be seen arriving elsewhere after it was killed).
+    pub fn socket_opened(&self, via: Via, previous: Option<Via>) {
         let now = self.now();
         let mut g = self.lock();
         g.open_sockets += 1;
         g.peak_open_sockets = g.peak_open_sockets.max(g.open_sockets);
+        if let Via::Edge(i) = via {
+            *g.open_by_edge.entry(i).or_default() += 1;
+        }
+        if let Some(Via::Edge(p)) = previous {
+            if previous != Some(via) {
+                *g.moved_from.entry(p).or_default() += 1;
+            }
+        }
         let open = g.open_sockets;
         Self::second(&mut g, now).open_sockets = open;
     }
 
-    pub fn socket_closed(&self) {
+    pub fn socket_closed(&self, via: Via) {
         let now = self.now();
         let mut g = self.lock();
         g.open_sockets -= 1;
+        if let Via::Edge(i) = via {
+            *g.open_by_edge.entry(i).or_default() -= 1;
+        }
         let open = g.open_sockets;
         Self::second(&mut g, now).open_sockets = open;
     }
@@ -226,6 +247,16 @@ impl Recorder {
         let peak = g.edge_rss_peak_kib.entry(edge).or_default();
         *peak = (*peak).max(kib);
         Self::second(&mut g, now).edge_rss_mib += kib as f64 / 1024.0;
+    }
+
+    /// One reading of the machine (see [`Second`]).
+    pub fn machine(&self, cpu_busy_pct: f64, mem_used_gib: f64, edge_fds: u64) {
+        let now = self.now();
+        let mut g = self.lock();
+        let s = Self::second(&mut g, now);
+        s.cpu_busy_pct = cpu_busy_pct;
+        s.mem_used_gib = mem_used_gib;
+        s.edge_fds = edge_fds;
     }
 
     pub fn fault(&self, f: Fault) -> usize {
@@ -361,12 +392,14 @@ mod tests {
     #[test]
     fn seconds_carry_the_open_socket_count_forward() {
         let r = Recorder::new();
-        r.socket_opened();
-        r.socket_opened();
-        r.socket_closed();
+        r.socket_opened(Via::Edge(0), None);
+        r.socket_opened(Via::Edge(1), Some(Via::Edge(0)));
+        r.socket_closed(Via::Edge(0));
         let g = r.lock();
         assert_eq!(g.open_sockets, 1);
         assert_eq!(g.peak_open_sockets, 2);
         assert_eq!(g.seconds[0].open_sockets, 1);
+        assert_eq!(g.open_by_edge[&1], 1);
+        assert_eq!(g.moved_from[&0], 1);
     }
 }

@@ -35,6 +35,49 @@ pub struct Check {
     pub detail: String,
 }
 
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Machine {
+    pub cpus: usize,
+    pub cpu_busy_mean_pct: f64,
+    pub cpu_busy_p90_pct: f64,
+    pub mem_used_peak_gib: f64,
+    pub mem_total_gib: f64,
+    pub edge_fds_peak: u64,
+    pub fd_limit: u64,
+}
+
+fn machine(t: &[Second]) -> Machine {
+    let mut busy: Vec<f64> = t
+        .iter()
+        .map(|s| s.cpu_busy_pct)
+        .filter(|b| *b > 0.0)
+        .collect();
+    busy.sort_by(f64::total_cmp);
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let total_kib: f64 = meminfo
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0.0);
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    let fd_limit = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
+        .unwrap_or(0);
+    Machine {
+        cpus: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        cpu_busy_mean_pct: busy.iter().sum::<f64>() / busy.len().max(1) as f64,
+        cpu_busy_p90_pct: busy.get(busy.len() * 9 / 10).copied().unwrap_or(0.0),
+        mem_used_peak_gib: t.iter().map(|s| s.mem_used_gib).fold(0.0, f64::max),
+        mem_total_gib: total_kib / (1024.0 * 1024.0),
+        edge_fds_peak: t.iter().map(|s| s.edge_fds).max().unwrap_or(0),
+        fd_limit,
+    }
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct EdgeMemory {
     pub edge: usize,
@@ -75,6 +118,9 @@ pub struct Report {
     pub edge_memory: Vec<EdgeMemory>,
     pub peak_open_sockets: i64,
     pub edge_rss_per_socket_kib: Option<f64>,
+    /// The machine during the traffic: mean and peak CPU busy (%), peak memory in use (GiB),
+    /// peak open files of the edges, and the file limit they run under.
+    pub machine: Machine,
     pub stop_failures: Vec<String>,
     pub leftover_processes: Vec<String>,
     pub leaked_secrets: Vec<String>,
@@ -122,7 +168,7 @@ impl Report {
             .iter()
             .map(|(k, h)| (k.clone(), record::percentiles(h)))
             .collect();
-        let mut viewer_hist: BTreeMap<&str, hdrhistogram::Histogram<u64>> = BTreeMap::new();
+        let mut viewer_hist: BTreeMap<String, hdrhistogram::Histogram<u64>> = BTreeMap::new();
         let (mut expected_n, mut received_n, mut missed) = (0, 0, Vec::new());
         for o in g.outputs.iter().filter(|o| o.owner_seen_at_s.is_some()) {
             let Some(plan) = plans.get(o.notebook) else {
@@ -145,11 +191,14 @@ impl Report {
                 {
                     Some(at) => {
                         received_n += 1;
-                        let kind = if plan.role == NotebookRole::Direct {
-                            "direct_viewer_output"
+                        // Per output kind: a line of text and a multi-megabyte table do not
+                        // travel alike.
+                        let prefix = if plan.role == NotebookRole::Direct {
+                            "direct_"
                         } else {
-                            "viewer_output"
+                            ""
                         };
+                        let kind = format!("{prefix}viewer_output_{}", o.kind);
                         viewer_hist
                             .entry(kind)
                             .or_insert_with(|| {
@@ -166,7 +215,7 @@ impl Report {
             }
         }
         for (k, h) in &viewer_hist {
-            latency.insert((*k).to_owned(), record::percentiles(h));
+            latency.insert(k.clone(), record::percentiles(h));
         }
         let mut edge_over_direct = BTreeMap::new();
         for (k, p) in &latency {
@@ -236,6 +285,7 @@ impl Report {
             peak_open_sockets: g.peak_open_sockets,
             edge_rss_per_socket_kib: (g.peak_open_sockets > 0)
                 .then(|| growth_kib / g.peak_open_sockets as f64),
+            machine: machine(&timeline),
             stop_failures,
             leftover_processes: Vec::new(),
             leaked_secrets,
@@ -579,6 +629,12 @@ fn markdown(r: &Report) -> String {
         "- peak {} open sockets (all replicas); edge RSS grew {} KiB per socket (peak over first reading)",
         r.peak_open_sockets,
         r.edge_rss_per_socket_kib.map(|k| format!("{k:.0}")).unwrap_or_else(|| "-".into())
+    );
+    let m = &r.machine;
+    let _ = writeln!(
+        s,
+        "\n## The machine\n\n- CPU busy {:.0} % on average, {:.0} % at p90 ({} cores)\n- memory in use at most {:.1} of {:.1} GiB\n- the edges' open files at most {} (limit {} each)",
+        m.cpu_busy_mean_pct, m.cpu_busy_p90_pct, m.cpus, m.mem_used_peak_gib, m.mem_total_gib, m.edge_fds_peak, m.fd_limit
     );
     if !r.unexpected.is_empty() {
         let _ = writeln!(s, "\n## Unexpected errors (first 30)\n");

@@ -91,6 +91,16 @@ pub fn session_id() -> String {
     format!("s_{tail}")
 }
 
+/// `scheme://host[:port]` of a URL.
+pub fn origin_of(url: &str) -> String {
+    let after_scheme = url.find("://").map(|i| i + 3).unwrap_or(0);
+    let end = url[after_scheme..]
+        .find('/')
+        .map(|i| i + after_scheme)
+        .unwrap_or(url.len());
+    url[..end].to_owned()
+}
+
 /// Redeems a one-time URL at one replica (`edge_url` replaces the public origin, as a load
 /// balancer would route it): the cookie and the notebook's base URL at that replica.
 pub async fn redeem(
@@ -366,6 +376,18 @@ mod tests {
         assert_eq!(
             asset_paths(html),
             ["assets/index-abc.js", "assets/index-abc.css"]
+        );
+    }
+
+    #[test]
+    fn origins_are_scheme_host_and_port() {
+        assert_eq!(
+            origin_of("http://127.0.0.1:8000/notebooks/X/_auth?token=t"),
+            "http://127.0.0.1:8000"
+        );
+        assert_eq!(
+            origin_of("https://a1.nb.example.com/_auth?token=t"),
+            "https://a1.nb.example.com"
         );
     }
 

@@ -12,12 +12,12 @@ use super::report::Report;
 type Panel<'a> = (&'a str, &'a str, Vec<(&'a str, RGBColor, Vec<(f64, f64)>)>);
 
 pub fn draw(r: &Report, path: &Path) -> Result<()> {
-    let root = SVGBackend::new(path, (1200, 960)).into_drawing_area();
+    let root = SVGBackend::new(path, (1200, 1240)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
-    let panels = root.split_evenly((3, 1));
+    let panels = root.split_evenly((4, 1));
     let t = &r.timeline;
     let xmax = (t.len().max(1)) as f64;
-    let series: [Panel; 3] = [
+    let series: [Panel; 4] = [
         (
             "Throughput (HTTP requests, runs and handshakes completed per second)",
             "per s",
@@ -80,6 +80,28 @@ pub fn draw(r: &Report, path: &Path) -> Result<()> {
                     t.iter()
                         .enumerate()
                         .map(|(i, s)| (i as f64, s.edge_rss_mib))
+                        .collect(),
+                ),
+            ],
+        ),
+        (
+            "The machine: CPU busy (all cores, %) and memory in use (GiB x 10)",
+            "% / GiB x 10",
+            vec![
+                (
+                    "CPU busy %",
+                    RED,
+                    t.iter()
+                        .enumerate()
+                        .map(|(i, s)| (i as f64, s.cpu_busy_pct))
+                        .collect(),
+                ),
+                (
+                    "memory GiB x 10",
+                    BLUE,
+                    t.iter()
+                        .enumerate()
+                        .map(|(i, s)| (i as f64, s.mem_used_gib * 10.0))
                         .collect(),
                 ),
             ],

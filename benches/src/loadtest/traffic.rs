@@ -161,7 +161,7 @@ async fn connect(
                     rec.latency("ws_connect", started.elapsed());
                     return Ok(ws);
                 }
-                Err(Failure::Unreachable(_)) => {
+                Err(Failure::Unreachable(_)) if t.origin == w.public_url => {
                     *edge = (*edge + 1) % w.edges.len();
                     t.move_to(&w.edges[*edge], *edge);
                 }
@@ -190,16 +190,25 @@ async fn connect(
         let url = answer.body["url"].as_str().unwrap_or_default().to_owned();
         let http = tab::client();
         let mut last = String::new();
+        // Path mode: the URL names the public origin, and any replica serves it (a load
+        // balancer's job, done here by the client). Subdomain mode: the notebook's own origin.
+        let origin = tab::origin_of(&url);
+        let spread = origin == w.public_url;
         for _ in 0..w.edges.len() {
             let started = Instant::now();
-            match tab::redeem(&http, &url, &w.public_url, &w.edges[*edge]).await {
+            let at = if spread {
+                w.edges[*edge].clone()
+            } else {
+                origin.clone()
+            };
+            match tab::redeem(&http, &url, &origin, &at).await {
                 Ok((cookie, base)) => {
                     rec.latency("handshake", started.elapsed());
                     *tab = Some(Tab {
                         base,
                         via: Via::Edge(*edge),
                         auth: Auth::Cookie(cookie),
-                        origin: w.public_url.clone(),
+                        origin: origin.clone(),
                         kiosk,
                         session_id: tab::session_id(),
                         skew: String::new(),
@@ -257,30 +266,51 @@ enum Event {
     Ended(Ended),
 }
 
-/// Runs the socket's reader in a task of its own, counted as an open socket.
+/// Runs the socket's reader in a task of its own, counted as an open socket through `via`.
 fn spawn_reader(
     rec: &Recorder,
+    via: Via,
+    previous: Option<Via>,
     ws: Ws,
     on_marker: impl FnMut(&str, Instant) + Send + 'static,
     done: impl FnOnce(Ended) + Send + 'static,
-) -> tokio::task::JoinHandle<()> {
-    let rec = rec.clone();
-    rec.socket_opened();
-    tokio::spawn(async move {
+) -> Reader {
+    rec.socket_opened(via, previous);
+    let counted = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let task_rec = rec.clone();
+    let task_counted = counted.clone();
+    let task = tokio::spawn(async move {
         let ended = tab::read_markers(ws, on_marker).await;
-        rec.socket_closed();
+        if task_counted.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            task_rec.socket_closed(via);
+        }
         done(ended);
-    })
+    });
+    Reader {
+        task,
+        rec: rec.clone(),
+        via,
+        counted,
+    }
 }
 
-/// Aborts the reader when dropped (the run ended or the tab moved on).
-struct Reader(tokio::task::JoinHandle<()>, Recorder);
+/// Aborts the reader when dropped (the run ended or the tab moved on), counting the socket
+/// closed exactly once.
+struct Reader {
+    task: tokio::task::JoinHandle<()>,
+    rec: Recorder,
+    via: Via,
+    counted: Arc<std::sync::atomic::AtomicBool>,
+}
 
 impl Drop for Reader {
     fn drop(&mut self) {
-        if !self.0.is_finished() {
-            self.0.abort();
-            self.1.socket_closed();
+        self.task.abort();
+        if self
+            .counted
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            self.rec.socket_closed(self.via);
         }
     }
 }
@@ -328,6 +358,7 @@ pub async fn owner(w: Arc<World>, nb: NotebookPlan) {
     let mut attempt = 0u32;
     let mut cells: Vec<(&'static str, String)> = Vec::new();
     let mut restarted = false;
+    let mut prev_via: Option<Via> = None;
     while !w.stopping() {
         let ws = match connect(&w, &actor, &nb, &nb.owner, false, &mut edge, &mut tab).await {
             Ok(ws) => ws,
@@ -368,18 +399,17 @@ pub async fn owner(w: Arc<World>, nb: NotebookPlan) {
             .insert(nb.index, t.session_id.clone());
         let (tx, mut rx) = mpsc::unbounded_channel();
         let tx2 = tx.clone();
-        let reader = Reader(
-            spawn_reader(
-                &w.rec,
-                ws,
-                move |m, at| {
-                    let _ = tx.send(Event::Marker(m.to_owned(), at));
-                },
-                move |e| {
-                    let _ = tx2.send(Event::Ended(e));
-                },
-            ),
-            w.rec.clone(),
+        let reader = spawn_reader(
+            &w.rec,
+            t.via,
+            prev_via.replace(t.via),
+            ws,
+            move |m, at| {
+                let _ = tx.send(Event::Marker(m.to_owned(), at));
+            },
+            move |e| {
+                let _ = tx2.send(Event::Ended(e));
+            },
         );
         let mut last_poll = Instant::now();
         let mut last_ping = Instant::now() - Duration::from_secs(60);
@@ -543,6 +573,16 @@ async fn ensure_started(w: &World, actor: &Actor, nb: &NotebookPlan) -> bool {
     if status != "failed" && status != "stopped" {
         return false;
     }
+    // What the owner saw is part of the status history (the sampler reads once a second and
+    // can miss a short `failed`).
+    {
+        let now = w.rec.now();
+        let msg = n["statusMessage"].as_str().unwrap_or_default().to_owned();
+        let mut g = w.rec.lock();
+        let h = g.statuses.entry(nb.index).or_default();
+        h.push((now, status.to_owned(), msg));
+        h.sort_by(|a, b| a.0.total_cmp(&b.0));
+    }
     w.rec.note(format!(
         "t={:.1}s notebook {} was {status} ({}); its owner starts it again",
         w.rec.now(),
@@ -626,6 +666,7 @@ pub async fn viewer(w: Arc<World>, nb: NotebookPlan, v: usize) {
     let mut edge = (nb.index + v + 1) % w.edges.len();
     let mut tab: Option<Tab> = None;
     let mut attempt = 0u32;
+    let mut prev_via: Option<Via> = None;
     // A kiosk mirrors the owner's session: until the owner has one, Marimo answers
     // MARIMO_NO_SESSION. Viewers arrive once the owner is working, as on a shared link.
     while !w.stopping()
@@ -676,33 +717,32 @@ pub async fn viewer(w: Arc<World>, nb: NotebookPlan, v: usize) {
         let (tx, mut rx) = mpsc::unbounded_channel::<Ended>();
         let rec = w.rec.clone();
         let rec2 = w.rec.clone();
-        let reader = Reader(
-            spawn_reader(
-                &w.rec,
-                ws,
-                move |m, at| {
-                    let at = rec.at(at);
-                    rec.lock()
-                        .viewer_received
-                        .entry(key)
-                        .or_default()
-                        .entry(m.to_owned())
-                        .or_insert(at);
-                },
-                move |e| {
-                    let now = rec2.now();
-                    if let Some(last) = rec2
-                        .lock()
-                        .viewer_sockets
-                        .get_mut(&key)
-                        .and_then(|s| s.last_mut())
-                    {
-                        last.1 = Some(now);
-                    }
-                    let _ = tx.send(e);
-                },
-            ),
-            w.rec.clone(),
+        let reader = spawn_reader(
+            &w.rec,
+            t.via,
+            prev_via.replace(t.via),
+            ws,
+            move |m, at| {
+                let at = rec.at(at);
+                rec.lock()
+                    .viewer_received
+                    .entry(key)
+                    .or_default()
+                    .entry(m.to_owned())
+                    .or_insert(at);
+            },
+            move |e| {
+                let now = rec2.now();
+                if let Some(last) = rec2
+                    .lock()
+                    .viewer_sockets
+                    .get_mut(&key)
+                    .and_then(|s| s.last_mut())
+                {
+                    last.1 = Some(now);
+                }
+                let _ = tx.send(e);
+            },
         );
         let mut last_poll = Instant::now();
         let mut next_attempt = jitter(w.behaviour.attempt_every_s);
@@ -889,16 +929,15 @@ pub async fn quiet_tab(w: Arc<World>, nb: NotebookPlan, hold: Option<Duration>) 
     w.acted(nb.index);
     let Some(t) = tab.as_ref() else { return };
     let (tx, mut rx) = mpsc::unbounded_channel::<Ended>();
-    let reader = Reader(
-        spawn_reader(
-            &w.rec,
-            ws,
-            |_, _| {},
-            move |e| {
-                let _ = tx.send(e);
-            },
-        ),
-        w.rec.clone(),
+    let reader = spawn_reader(
+        &w.rec,
+        t.via,
+        None,
+        ws,
+        |_, _| {},
+        move |e| {
+            let _ = tx.send(e);
+        },
     );
     if let Some(hold) = hold {
         w.sleep(hold).await;
