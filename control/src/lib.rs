@@ -108,6 +108,7 @@ impl ControlPlane {
             limiter: limit::RateLimiter::new(settings.control.rate_limit_per_second),
             metrics,
             routes_changed,
+            shutting_down: Default::default(),
             lifecycle,
         }));
         Ok(ControlPlane { state, bootstrap })
@@ -191,6 +192,11 @@ impl ControlPlane {
     ) -> Result<(), ControlError> {
         let mut background = self.start_background().await;
         let router = self.router();
+        let state = self.state.clone();
+        let shutdown = async move {
+            shutdown.await;
+            state.begin_shutdown();
+        };
         let result = axum::serve(listener, router)
             .with_graceful_shutdown(shutdown)
             .await

@@ -36,6 +36,22 @@ pub struct Inner {
     pub routes_changed: Arc<Notify>,
     /// The notebook lifecycle service (transitions, driver, monitor, reconciliation).
     pub lifecycle: Lifecycle,
+    /// Set when a graceful shutdown begins: long polls answer at once instead of holding the
+    /// shutdown (it waits for open requests) for up to their 30 s.
+    pub shutting_down: std::sync::atomic::AtomicBool,
+}
+
+impl Inner {
+    /// Begins the shutdown for the long polls: they answer now with what they have.
+    pub fn begin_shutdown(&self) {
+        self.shutting_down
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.routes_changed.notify_waiters();
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 impl Deref for AppState {

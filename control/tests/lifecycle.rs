@@ -668,3 +668,66 @@ async fn large_activity_batches_are_accepted() {
     assert!(json!(entries).to_string().len() > 64 * 1024);
     h.activity("edge-big", json!(entries)).await;
 }
+
+/// A graceful shutdown does not wait out the edges' routes long polls (up to 30 s, during which
+/// a restarting control plane would refuse every API call): they answer at once with the
+/// snapshot, and the server is gone within a second or two. (Found by the load test's
+/// control-plane restart: the API was unreachable for 13 s.)
+async fn a_graceful_shutdown_answers_the_routes_long_poll_at_once(store: Store) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = Harness::new(store).await;
+    let version = h.routes(None, 0).await["version"]
+        .as_u64()
+        .expect("version");
+    let cp = marina_control::ControlPlane::open(&h.settings, h.runtime.clone())
+        .await
+        .expect("open");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(cp.serve(listener, async move {
+        let _ = stopped.await;
+    }));
+    let token = h.internal_token();
+    let poll = tokio::spawn(async move {
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let req = format!(
+            "GET /internal/v1/routes?after={version}&waitSeconds=25 HTTP/1.1\r\nHost: control\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).await.expect("write");
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.expect("read");
+        out
+    });
+    // The poll is held (nothing changes)…
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !poll.is_finished(),
+        "the long poll must wait while nothing changes"
+    );
+    // …until the shutdown begins.
+    let begun = std::time::Instant::now();
+    stop.send(()).expect("signal");
+    let answer = tokio::time::timeout(Duration::from_secs(5), poll)
+        .await
+        .expect("the long poll answers at the shutdown")
+        .expect("poll task");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer.contains(&format!("\"version\":{version}")),
+        "{answer}"
+    );
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .expect("the server stops")
+        .expect("server task")
+        .expect("serve");
+    assert!(
+        begun.elapsed() < Duration::from_secs(5),
+        "shutdown took {:?}",
+        begun.elapsed()
+    );
+}
+both!(a_graceful_shutdown_answers_the_routes_long_poll_at_once);

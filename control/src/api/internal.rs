@@ -51,7 +51,8 @@ pub async fn routes_get(
             let notified = state.routes_changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if state.db.route_version().await? != after {
+            // A shutdown that begins ends the wait: the shutdown waits for open requests.
+            if state.is_shutting_down() || state.db.route_version().await? != after {
                 break;
             }
             let now = tokio::time::Instant::now();
