@@ -399,8 +399,20 @@ impl Deployment {
         self.edges[i].part.spawn()
     }
 
-    pub fn restart_control(&mut self) -> Result<()> {
-        self.control.terminate(Duration::from_secs(20));
+    /// SIGTERM, wait for the exit (without blocking the load's threads), start again.
+    pub async fn restart_control(&mut self) -> Result<()> {
+        if let Some(mut c) = self.control.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
         self.control.spawn()
     }
 

@@ -215,6 +215,9 @@ pub async fn plan(
                 r.insert((nb.index, *v));
             }
         }
+        // Counted from the request: the API call's own time is part of what a revoked
+        // viewer sees.
+        *w.revoked_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(rec.now());
         let answer = w
             .api
             .call(
@@ -224,9 +227,17 @@ pub async fn plan(
                 None,
             )
             .await;
-        *w.revoked_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(rec.now());
         match answer {
-            Ok(a) if a.status == 204 || a.status == 200 => {}
+            Ok(a) if a.status == 204 || a.status == 200 => rec.note(format!(
+                "t={:.2}s team unshared from notebook {} (the request took {:.3} s)",
+                rec.now(),
+                nb.index,
+                rec.now()
+                    - w.revoked_at
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .unwrap_or(0.0)
+            )),
             other => rec.note(format!(
                 "unshare answered {:?}",
                 other.map(|a| (a.status, a.body)).map_err(|e| e.to_string())
@@ -260,9 +271,14 @@ pub async fn plan(
         lost: vec![],
         scope: FaultScope::ControlPath,
     });
-    let restarted = d.restart_control();
+    let started = Instant::now();
+    let restarted = d.restart_control().await;
     let back = match restarted {
-        Ok(()) => until(Duration::from_secs(60), async || d.control_ready().await).await,
+        // From the SIGTERM: the API is away while the old process drains and the new one
+        // starts.
+        Ok(()) => until(Duration::from_secs(60), async || d.control_ready().await)
+            .await
+            .map(|_| started.elapsed().as_secs_f64()),
         Err(e) => {
             rec.note(format!("control plane did not start again: {e}"));
             None

@@ -354,7 +354,10 @@ pub fn finish(r: &mut Report) {
         if r.revocations.is_empty() {
             "no revocation in this run (needs notebook 0 with 2+ viewers)".into()
         } else if slow.is_empty() {
-            format!("{} sockets, slowest {worst:.2} s", r.revocations.len())
+            format!(
+                "{} sockets, slowest {worst:.3} s after the unshare request",
+                r.revocations.len()
+            )
         } else {
             slow.join("; ")
         },
@@ -615,8 +618,8 @@ fn markdown(r: &Report) -> String {
     for (n, t) in &r.revocations {
         let _ = writeln!(
             s,
-            "- revoked {n}: socket closed after {}",
-            t.map(|t| format!("{t:.2} s"))
+            "- revoked {n}: socket closed {} after the unshare request",
+            t.map(|t| format!("{t:.3} s"))
                 .unwrap_or_else(|| "never".into())
         );
     }
