@@ -291,7 +291,11 @@ pub struct TlsSettings {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProxyTimeouts {
-    /// A client must send its request head within this, milliseconds. Default 10000.
+    /// A client must send its request head within this, milliseconds; it is also how long an
+    /// idle keep-alive connection is kept between requests (hyper counts both with one timer).
+    /// Default 30000: longer than Marimo's UI polls (`/api/usage` every 10 s per tab), so a
+    /// tab's polls reuse their connection instead of racing its close (the load test saw a
+    /// request fail that way with 10000).
     pub header_read_ms: u64,
     /// Connecting to a Marimo server, milliseconds. Default 3000.
     pub upstream_connect_ms: u64,
@@ -309,7 +313,7 @@ pub struct ProxyTimeouts {
 impl Default for ProxyTimeouts {
     fn default() -> Self {
         ProxyTimeouts {
-            header_read_ms: 10_000,
+            header_read_ms: 30_000,
             upstream_connect_ms: 3_000,
             upstream_response_ms: 60_000,
             websocket_ping_seconds: 30,
@@ -623,6 +627,15 @@ mod tests {
     fn toml_value(v: &str) -> figment::value::Value {
         v.parse::<figment::value::Value>()
             .unwrap_or_else(|_| v.into())
+    }
+
+    #[test]
+    fn idle_keep_alive_outlasts_the_notebook_uis_polls() {
+        // Marimo's page polls every 10 s per tab; an edge that closes idle connections at the
+        // same period makes every poll race the close.
+        const UI_POLL_MS: u64 = 10_000;
+        let t = ProxyTimeouts::default();
+        assert!(t.header_read_ms >= 2 * UI_POLL_MS, "{}", t.header_read_ms);
     }
 
     #[test]

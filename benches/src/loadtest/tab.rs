@@ -50,10 +50,18 @@ impl std::fmt::Display for Failure {
 }
 
 fn from_reqwest(e: reqwest::Error) -> Failure {
+    // reqwest's message alone ("error sending request") hides why: add its causes.
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
     if e.is_connect() {
-        Failure::Unreachable(e.to_string())
+        Failure::Unreachable(text)
     } else {
-        Failure::Other(e.to_string())
+        Failure::Other(text)
     }
 }
 
