@@ -13,7 +13,7 @@ RUN cargo build --release --locked --bin marina
 FROM debian:bookworm-slim
 # python3-venv only for `marina serve`'s local runtime; `control` and `proxy` need none of it.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates python3 python3-venv \
+ && apt-get install -y --no-install-recommends ca-certificates python3 python3-venv tini \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --user-group --home-dir /var/lib/marina --create-home marina
 COPY --from=build /src/target/release/marina /usr/local/bin/marina
@@ -29,5 +29,8 @@ ENV MARINA_DATA_DIR=/var/lib/marina \
     MARINA_PROXY__ADMIN_LISTEN=0.0.0.0:9090
 EXPOSE 8080 8000 9090
 VOLUME ["/var/lib/marina"]
-ENTRYPOINT ["marina"]
+# tini as PID 1 reaps orphans: a notebook's kernel processes whose Marimo died, and the
+# sandboxes of a control plane that restarted in the same container, would otherwise stay
+# zombies (the load test saw them reparented to PID 1).
+ENTRYPOINT ["/usr/bin/tini", "--", "marina"]
 CMD ["serve"]

@@ -235,6 +235,18 @@ impl Report {
             .collect();
         edge_memory.sort_by_key(|m| m.edge);
         let mut timeline = g.seconds.clone();
+        // A second the sampler missed (it reads once a second, and a slow API call delays it)
+        // shows the readings before it, not a drop to zero.
+        for i in 1..timeline.len() {
+            if timeline[i].mem_used_gib == 0.0 {
+                let prev = timeline[i - 1].clone();
+                let s = &mut timeline[i];
+                s.cpu_busy_pct = prev.cpu_busy_pct;
+                s.mem_used_gib = prev.mem_used_gib;
+                s.edge_rss_mib = prev.edge_rss_mib;
+                s.edge_fds = prev.edge_fds;
+            }
+        }
         for s in &mut timeline {
             if let Some(h) = &s.latency {
                 s.p50_ms = h.value_at_quantile(0.5) as f64 / 1000.0;
