@@ -408,7 +408,11 @@ pub fn finish(r: &mut Report) {
         "statuses and lastActiveAt agree with what the clients did",
         states.is_empty(),
         if states.is_empty() {
-            "active notebooks stayed running, the idle tab's went idle, the closed tab's detached, each then stopped by its timeout".into()
+            if r.roles.contains(&NotebookRole::IdleTab) {
+                "active notebooks stayed running, the idle tab's went idle, the closed tab's detached, each then stopped by its timeout".into()
+            } else {
+                "active notebooks stayed running, lastActiveAt kept up with their owners".into()
+            }
         } else {
             states.join("; ")
         },
