@@ -303,7 +303,8 @@ pub async fn plan(
         scope: FaultScope::ControlPath,
     });
     let started = Instant::now();
-    let restarted = d.pg.restart();
+    // pg_ctl waits for the server: off the load's async threads meanwhile.
+    let restarted = tokio::task::block_in_place(|| d.pg.restart());
     let back = match restarted {
         Ok(()) => until(Duration::from_secs(60), async || {
             w.api

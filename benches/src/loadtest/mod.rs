@@ -341,7 +341,6 @@ async fn drive(
     Ok(report::Report::new(
         opts,
         &rec,
-        &world,
         &plans,
         report::Timings {
             setup_s: started.elapsed().as_secs_f64() - rec.now(),

@@ -10,7 +10,6 @@ use serde::Serialize;
 use super::api::{NotebookPlan, NotebookRole};
 use super::faults::FinalState;
 use super::record::{self, ErrorEvent, Fault, Percentiles, Recorder, Second};
-use super::traffic::World;
 use super::Options;
 
 /// How long after an output a viewer whose socket is open must have it.
@@ -140,7 +139,6 @@ impl Report {
     pub fn new(
         opts: &Options,
         rec: &Recorder,
-        _world: &World,
         plans: &[NotebookPlan],
         timings: Timings,
         final_states: Vec<FinalState>,

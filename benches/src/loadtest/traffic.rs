@@ -124,7 +124,6 @@ enum ConnectError {
 /// through the API. Moves to the next replica when one does not answer.
 async fn connect(
     w: &World,
-    actor: &Actor,
     nb: &NotebookPlan,
     who: &Member,
     kiosk: bool,
@@ -150,7 +149,7 @@ async fn connect(
         t.base = format!("http://{upstream}/notebooks/{}/", nb.id);
         t.origin = format!("http://{upstream}");
         t.auth = Auth::Bearer(token);
-        return open_page_and_ws(w, actor, t, "direct_").await;
+        return open_page_and_ws(w, t, "direct_").await;
     }
     // With a cookie: the socket again, on this replica or the next ones.
     if let Some(t) = tab.as_mut() {
@@ -231,7 +230,7 @@ async fn connect(
         }
     }
     let t = tab.as_mut().expect("set above");
-    match open_page_and_ws(w, actor, t, "").await {
+    match open_page_and_ws(w, t, "").await {
         Err(ConnectError::Failed(e)) if e.contains("HTTP 401") || e.contains("HTTP 403") => {
             *tab = None;
             Err(ConnectError::Failed(e))
@@ -240,12 +239,7 @@ async fn connect(
     }
 }
 
-async fn open_page_and_ws(
-    w: &World,
-    _actor: &Actor,
-    t: &mut Tab,
-    prefix: &str,
-) -> Result<Ws, ConnectError> {
+async fn open_page_and_ws(w: &World, t: &mut Tab, prefix: &str) -> Result<Ws, ConnectError> {
     let started = Instant::now();
     t.load_page(w.behaviour.assets)
         .await
@@ -360,7 +354,7 @@ pub async fn owner(w: Arc<World>, nb: NotebookPlan) {
     let mut restarted = false;
     let mut prev_via: Option<Via> = None;
     while !w.stopping() {
-        let ws = match connect(&w, &actor, &nb, &nb.owner, false, &mut edge, &mut tab).await {
+        let ws = match connect(&w, &nb, &nb.owner, false, &mut edge, &mut tab).await {
             Ok(ws) => ws,
             Err(e) => {
                 let via = tab.as_ref().map(|t| t.via).unwrap_or(Via::Api);
@@ -679,7 +673,7 @@ pub async fn viewer(w: Arc<World>, nb: NotebookPlan, v: usize) {
         w.sleep(Duration::from_millis(200)).await;
     }
     while !w.stopping() {
-        let ws = match connect(&w, &actor, &nb, &who, true, &mut edge, &mut tab).await {
+        let ws = match connect(&w, &nb, &who, true, &mut edge, &mut tab).await {
             Ok(ws) => ws,
             Err(ConnectError::NoAccess) if w.is_revoked(nb.index, v) => {
                 w.rec.note(format!(
@@ -911,7 +905,7 @@ pub async fn quiet_tab(w: Arc<World>, nb: NotebookPlan, hold: Option<Duration>) 
     let mut tab: Option<Tab> = None;
     let mut attempt = 0;
     let ws = loop {
-        match connect(&w, &actor, &nb, &nb.owner, false, &mut edge, &mut tab).await {
+        match connect(&w, &nb, &nb.owner, false, &mut edge, &mut tab).await {
             Ok(ws) => break ws,
             Err(e) => {
                 attempt += 1;
