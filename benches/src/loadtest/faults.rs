@@ -284,12 +284,7 @@ pub async fn plan(
             None
         }
     };
-    let mut lost = vec![];
-    if back.is_some() {
-        // Two batches later, every owner's activity up to shortly before must be known.
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        lost.extend(activity_gaps(w, plans, admin, 2.5).await);
-    }
+    let lost = activity_lost(w, plans, admin, back).await;
     rec.recovered(f, back, lost);
 
     // 4. PostgreSQL restarted (fast: connections cut).
@@ -320,11 +315,7 @@ pub async fn plan(
             None
         }
     };
-    let mut lost = vec![];
-    if back.is_some() {
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        lost.extend(activity_gaps(w, plans, admin, 2.5).await);
-    }
+    let lost = activity_lost(w, plans, admin, back).await;
     rec.recovered(f, back, lost);
 
     // 5. One notebook's Marimo killed: it goes `failed` with a reason, the others are untouched;
@@ -384,6 +375,21 @@ pub async fn plan(
             Err(e) => rec.note(format!("marimo_kill skipped: {e}")),
         }
     }
+}
+
+/// After a fault on the control path recovered (`back`): two batches later, every owner's
+/// activity up to shortly before must be known. What is missing was lost.
+async fn activity_lost(
+    w: &World,
+    plans: &[NotebookPlan],
+    admin: &str,
+    back: Option<f64>,
+) -> Vec<String> {
+    if back.is_none() {
+        return Vec::new();
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    activity_gaps(w, plans, admin, 2.5).await
 }
 
 /// Notebooks whose `lastActiveAt` is behind their owner's activity up to `settle_s` ago by
