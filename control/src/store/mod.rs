@@ -33,6 +33,7 @@ pub mod members;
 pub mod notebooks;
 pub mod orgs;
 pub mod page;
+pub mod routes;
 mod rows;
 pub mod teams;
 

@@ -18,6 +18,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::Id;
 
+mod activity;
+mod routes;
+
+pub use activity::*;
+pub use routes::*;
+
 /// Path prefix of the internal API.
 pub const INTERNAL_PREFIX: &str = "/internal/v1";
 /// Lifetime of the URL token `open` mints, seconds.
@@ -54,60 +60,6 @@ pub struct UrlClaims {
     pub exp: u64,
 }
 
-/// One running notebook as the edge needs to know it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Route {
-    pub notebook_id: Id,
-    /// Current session id; cookies of another session are refused.
-    pub session_id: Id,
-    /// `host:port` of the notebook's Marimo server.
-    pub upstream: String,
-    /// Marimo's own token; the edge sends it upstream as `Authorization: Bearer`, the browser
-    /// never sees it.
-    pub upstream_token: String,
-    /// The owner (edit access).
-    pub owner_id: Id,
-    /// Every other member who may currently see the notebook (team members, org admins).
-    /// A member missing from here has lost access: their cookies stop working and their
-    /// WebSockets are closed.
-    pub viewers: Vec<Id>,
-}
-
-/// The whole routing table, versioned.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct RoutesSnapshot {
-    /// Increases with every change; opaque otherwise.
-    pub version: u64,
-    pub routes: Vec<Route>,
-}
-
-/// Activity of one notebook seen by one edge replica since its last report.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct NotebookActivity {
-    pub notebook_id: Id,
-    pub session_id: Id,
-    /// Unix milliseconds of the latest browser request or message; `None` if none since the
-    /// last report.
-    pub last_active_ms: Option<i64>,
-    /// WebSockets (and event streams) open to this notebook through this replica now.
-    pub open_websockets: u32,
-}
-
-/// What an edge replica reports every `proxy.activity_interval_ms`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ActivityBatch {
-    pub edge_id: String,
-    /// Unix milliseconds when the batch was cut.
-    pub sent_at_ms: i64,
-    /// Every notebook with activity or open connections on this replica. A notebook absent from
-    /// a replica's latest batch has no connection through it.
-    pub notebooks: Vec<NotebookActivity>,
-}
-
 /// Ask the control plane to mark a URL token as used.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -120,23 +72,6 @@ pub struct RedeemRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn route_json_shape() {
-        let id = Id::parse("A1B2C3D4E5").unwrap();
-        let r = Route {
-            notebook_id: id,
-            session_id: id,
-            upstream: "127.0.0.1:1".into(),
-            upstream_token: "t".into(),
-            owner_id: id,
-            viewers: vec![],
-        };
-        let v = serde_json::to_value(&r).unwrap();
-        assert_eq!(v["notebookId"], "A1B2C3D4E5");
-        assert_eq!(v["upstreamToken"], "t");
-        assert_eq!(serde_json::from_value::<Route>(v).unwrap(), r);
-    }
 
     #[test]
     fn mode_is_lowercase() {
