@@ -92,6 +92,13 @@ impl ControlPlane {
         let bootstrap = Self::bootstrap_if_empty(&db, settings).await?;
         let metrics = Arc::new(Metrics::new());
         let routes_changed = Arc::new(tokio::sync::Notify::new());
+        if db.kind == store::DbKind::Postgres {
+            // Other replicas' route changes wake this one's long polls (see store::routes).
+            tokio::spawn(store::routes::listen(
+                settings.database_url(),
+                routes_changed.clone(),
+            ));
+        }
         let lifecycle = lifecycle::Lifecycle::new(
             db.clone(),
             runtime.clone(),

@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::http::{Method, StatusCode};
+use common::follower::Follower;
 use common::{code, Harness, Store};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use marina_config::wire::{AccessMode, UrlClaims};
@@ -293,9 +294,17 @@ async fn routes_feed_and_revocation(store: Store) {
         .unwrap()
         .to_owned();
 
+    // A model edge follows the feed from here on: after every change it must know exactly
+    // what a fresh snapshot says (checked by `check`), and answer who may view as the edge does.
+    let mut edge = Follower::default();
+    edge.check(&h).await;
     let v0 = h.routes(None, 0).await;
+    assert_eq!(v0["kind"], "snapshot");
     assert_eq!(v0["routes"], json!([]));
     h.run(&owner_key, &nb).await;
+    edge.check(&h).await;
+    assert_eq!(edge.snapshots, 1, "after the first snapshot, only changes");
+    assert!(edge.changes >= 1);
     let snap = h.routes(None, 0).await;
     assert!(snap["version"].as_u64().unwrap() > v0["version"].as_u64().unwrap());
     let route = &snap["routes"][0];
@@ -307,17 +316,16 @@ async fn routes_feed_and_revocation(store: Store) {
     let mut want = vec![viewer.clone(), me.clone()];
     want.sort();
     assert_eq!(
-        route["viewers"],
-        json!(want),
+        edge.state.viewers(&nb),
+        want,
         "team members and admins, not the owner, not outsiders"
     );
-    assert!(!route["viewers"].to_string().contains(&outsider));
-    assert!(!route["viewers"]
-        .to_string()
-        .contains(&other_admin.to_string()));
+    assert!(!edge.state.viewers(&nb).contains(&outsider));
+    assert!(!edge.state.viewers(&nb).contains(&other_admin.to_string()));
 
-    // A poll with the current version waits; unsharing answers it at once, viewer gone.
-    let version = snap["version"].as_u64().unwrap();
+    // A poll with the current version waits; unsharing answers it at once, with only what
+    // changed: the notebook's route without the team.
+    let version = edge.version;
     let started = std::time::Instant::now();
     let waiter = {
         let h = h.clone();
@@ -342,8 +350,17 @@ async fn routes_feed_and_revocation(store: Store) {
         started.elapsed() < Duration::from_secs(5),
         "woken by the change, not the timeout"
     );
+    assert_eq!(after["kind"], "changes", "{after}");
     assert!(after["version"].as_u64().unwrap() > version);
-    assert_eq!(after["routes"][0]["viewers"], json!([me]));
+    assert_eq!(after["changes"][0]["op"], "up", "{after}");
+    assert_eq!(
+        after["changes"][0]["teams"],
+        Value::Null,
+        "no teams left: {after}"
+    );
+    edge.apply(&after);
+    edge.check(&h).await;
+    assert_eq!(edge.state.viewers(&nb), vec![me.clone()]);
     // Re-sharing, then removing the viewer from the team, revokes too.
     h.post(
         &format!("/workloads/notebooks/{nb}/teams"),
@@ -351,14 +368,18 @@ async fn routes_feed_and_revocation(store: Store) {
         json!({"teamIds": [team]}),
     )
     .await;
-    assert!(h.routes(None, 0).await["routes"][0]["viewers"]
-        .to_string()
-        .contains(&viewer));
+    edge.check(&h).await;
+    assert!(edge.state.viewers(&nb).contains(&viewer));
     h.delete(&format!("/iam/teams/{team}/members/{viewer}"), &h.admin)
         .await;
-    assert!(!h.routes(None, 0).await["routes"][0]["viewers"]
-        .to_string()
-        .contains(&viewer));
+    let answers = edge.catch_up(&h).await;
+    assert_eq!(
+        answers[0]["changes"],
+        json!([{"op": "teamMember", "teamId": team, "memberId": viewer, "present": false}]),
+        "a member leaving a team is one small change"
+    );
+    edge.check(&h).await;
+    assert!(!edge.state.viewers(&nb).contains(&viewer));
     // Demoting the admin revokes his admin view; promoting the outsider grants one.
     h.patch(
         &format!("/iam/members/{outsider}"),
@@ -372,21 +393,27 @@ async fn routes_feed_and_revocation(store: Store) {
         json!({"role": "member"}),
     )
     .await;
-    let viewers = h.routes(None, 0).await["routes"][0]["viewers"].clone();
-    assert_eq!(viewers, json!([outsider]), "{viewers}");
+    edge.check(&h).await;
+    assert_eq!(edge.state.viewers(&nb), vec![outsider.clone()]);
     // Deleting a member revokes too.
     let (s, _) = h.delete(&format!("/iam/members/{me}"), &outsider_key).await;
     assert_eq!(s, StatusCode::NO_CONTENT);
-    // A poll that times out answers with the unchanged snapshot.
-    let cur = h.routes(None, 0).await["version"].as_u64().unwrap();
+    edge.check(&h).await;
+    // A poll that times out answers an empty change list at the same version.
+    let cur = edge.version;
     let t = std::time::Instant::now();
     let same = h.routes(Some(cur), 1).await;
     assert!(t.elapsed() >= Duration::from_millis(900));
+    assert_eq!(same["kind"], "changes");
+    assert_eq!(same["changes"], json!([]));
     assert_eq!(same["version"].as_u64(), Some(cur));
     // Stopping removes the route.
     h.post_empty(&format!("/workloads/notebooks/{nb}/stop"), &owner_key)
         .await;
+    edge.check(&h).await;
+    assert!(edge.state.routes.is_empty());
     assert_eq!(h.routes(None, 0).await["routes"], json!([]));
+    assert_eq!(edge.snapshots, 1, "one snapshot, then changes only");
 }
 both!(routes_feed_and_revocation);
 

@@ -24,6 +24,9 @@ pub struct Metrics {
     denials: IntCounterVec,
     errors: IntCounterVec,
     pub routes: IntGauge,
+    pub route_feed_bytes: IntCounter,
+    pub route_feed_changes: IntCounter,
+    pub route_feed_snapshots: IntCounter,
     pub activity_reports_failed: IntCounter,
     pub route_feed_errors: IntCounter,
     /// Pre-resolved per-kind counters, indexed by [`kind_index`].
@@ -147,6 +150,21 @@ impl Metrics {
             "Failed attempts to load routes (feed or file)",
         )
         .expect("static");
+        let route_feed_bytes = IntCounter::new(
+            "route_feed_bytes_total",
+            "Bytes of routes feed answers received (snapshots and changes)",
+        )
+        .expect("static");
+        let route_feed_changes = IntCounter::new(
+            "route_feed_changes_total",
+            "Route changes applied from the feed (a snapshot counts none)",
+        )
+        .expect("static");
+        let route_feed_snapshots = IntCounter::new(
+            "route_feed_snapshots_total",
+            "Whole snapshots applied (at connect, and after a gap the feed cannot resume)",
+        )
+        .expect("static");
         let by_kind = ALL_KINDS
             .iter()
             .map(|&k| {
@@ -171,6 +189,9 @@ impl Metrics {
             Box::new(routes.clone()),
             Box::new(activity_reports_failed.clone()),
             Box::new(route_feed_errors.clone()),
+            Box::new(route_feed_bytes.clone()),
+            Box::new(route_feed_changes.clone()),
+            Box::new(route_feed_snapshots.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -188,6 +209,9 @@ impl Metrics {
             routes,
             activity_reports_failed,
             route_feed_errors,
+            route_feed_bytes,
+            route_feed_changes,
+            route_feed_snapshots,
             by_kind,
         }
     }

@@ -563,6 +563,7 @@ async fn routes_follow_the_control_feed_and_survive_its_outage() {
     *control.routes.lock().unwrap() = marina_config::wire::RoutesSnapshot {
         version: 1,
         routes: vec![r.clone()],
+        ..Default::default()
     };
     wait_until(|| edge.metrics.routes.get() == 1).await;
     let cookie = login(&edge, &keys, &r, id(OWNER), AccessMode::Edit).await;

@@ -1,9 +1,11 @@
 //! The fake control plane the edge's tests talk to: the three internal endpoints the edge
 //! calls, answered from memory, over HTTP or HTTPS.
 //!
-//! - `GET /internal/v1/routes[?after=V&waitSeconds=S]`: the snapshot in [`FakeControl::routes`];
-//!   held while its version equals `after`, for `waitSeconds` but at most 2 s (the real one
-//!   holds up to 30 s).
+//! - `GET /internal/v1/routes[?after=V&waitSeconds=S]`: the snapshot in [`FakeControl::routes`]
+//!   as a `RoutesFeed` snapshot; held while its version equals `after`, for `waitSeconds` but at
+//!   most 2 s (the real one holds up to 30 s), then an empty change list. The fake keeps no
+//!   change log, so it never answers changes: the real feed's changes are tested against the
+//!   real control plane.
 //! - `POST /internal/v1/activity`: 204, the batch kept in [`FakeControl::activity`].
 //! - `POST /internal/v1/redeem`: 200 the first time a `jti` is seen, 409 after.
 //!
@@ -23,7 +25,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use marina_config::wire::RoutesSnapshot;
+use marina_config::wire::{RouteChanges, RoutesFeed, RoutesSnapshot};
 use serde_json::json;
 use tokio::net::TcpListener;
 
@@ -162,7 +164,19 @@ async fn control_answer(
         {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let snap = serde_json::to_vec(&*routes.lock().unwrap()).unwrap();
+        // The fake keeps no change log: anything new is a whole snapshot (which the real feed
+        // also answers when it cannot resume), nothing new an empty change list.
+        let snap = routes.lock().unwrap().clone();
+        let feed = if after == Some(snap.version) {
+            RoutesFeed::Changes(RouteChanges {
+                from: snap.version,
+                version: snap.version,
+                changes: vec![],
+            })
+        } else {
+            RoutesFeed::Snapshot(snap)
+        };
+        let snap = serde_json::to_vec(&feed).unwrap();
         return Response::builder()
             .header("content-type", "application/json")
             .body(Full::new(Bytes::from(snap)))

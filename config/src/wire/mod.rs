@@ -3,10 +3,11 @@
 //!
 //! - The one-time URL token ([`UrlClaims`]): minted by `open`, signed with the control plane's
 //!   Ed25519 key (`EdDSA`), redeemed once by the edge.
-//! - The routes feed ([`RoutesSnapshot`]): `GET /internal/v1/routes?after=V&waitSeconds=S`
-//!   answers at once with the current snapshot when its version is not `V`, otherwise holds the
-//!   request (long poll) until the routes change or `S` seconds pass. The edge keeps serving its
-//!   last snapshot while the control plane is unreachable.
+//! - The routes feed ([`RoutesFeed`], see [`routes`]): `GET /internal/v1/routes` answers a
+//!   snapshot; `?after=V&waitSeconds=S` answers what changed since `V` (a fresh snapshot when
+//!   `V` cannot be resumed from), holding the request (long poll) until something changes or `S`
+//!   seconds pass. The edge keeps serving its last table while the control plane is
+//!   unreachable.
 //! - Activity ([`ActivityBatch`]): `POST /internal/v1/activity`, every few seconds.
 //! - Replay checks ([`RedeemRequest`]): `POST /internal/v1/redeem` when the edge is configured
 //!   with the shared replay store; 200 first time, 409 after.
@@ -18,8 +19,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::Id;
 
-mod activity;
-mod routes;
+pub mod activity;
+pub mod routes;
 
 pub use activity::*;
 pub use routes::*;

@@ -6,7 +6,7 @@ use std::time::Duration;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::Json as AxumJson;
-use marina_config::wire::{ActivityBatch, RedeemRequest, RoutesSnapshot};
+use marina_config::wire::{ActivityBatch, RedeemRequest, RouteChanges, RoutesFeed, RoutesSnapshot};
 use serde::Deserialize;
 
 use crate::auth::Edge;
@@ -14,11 +14,13 @@ use crate::error::ApiError;
 use crate::extract::Json;
 use crate::state::AppState;
 use crate::store::now_ms;
+use crate::store::routes::{self, Feed};
 
 /// Longest a routes long poll is held.
 pub const MAX_WAIT_SECONDS: u64 = 30;
-/// While holding a long poll, the version is re-read this often, to see changes made by other
-/// control replicas (this replica's own changes wake the poll at once).
+/// While holding a long poll, the version is re-read this often, in case a change was not
+/// announced: this replica's own changes wake the poll at once, and on PostgreSQL so do other
+/// replicas' (`LISTEN`, see `ControlPlane::open`); on SQLite there is one replica.
 const REPOLL: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Deserialize)]
@@ -30,45 +32,53 @@ pub struct RoutesQuery {
     wait_seconds: Option<u64>,
 }
 
-/// The routes snapshot, at once if its version differs from `after`, else when it changes or
-/// after `waitSeconds` (at most 30), whichever comes first.
+/// The routes feed. Without `after`: the snapshot. With `after=V`: what changed since `V`, at
+/// once if anything did, else when something does or after `waitSeconds` (at most 30), whichever
+/// comes first (then an empty change list); a fresh snapshot when `V` cannot be resumed from.
 #[utoipa::path(get, path = "/internal/v1/routes", tag = "internal",
     params(("after" = Option<u64>, Query), ("waitSeconds" = Option<u64>, Query, maximum = 30)),
-    responses((status = 200, description = "RoutesSnapshot (marina_config::wire)"), (status = 401)),
+    responses((status = 200, description = "RoutesFeed (marina_config::wire::routes): a snapshot or the changes since `after`"), (status = 401)),
     security(("internalToken" = [])))]
 pub async fn routes_get(
     State(state): State<AppState>,
     _edge: Edge,
     query: Result<Query<RoutesQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<AxumJson<RoutesSnapshot>, ApiError> {
+) -> Result<AxumJson<RoutesFeed>, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::invalid("query", e.body_text()))?;
+    let Some(after) = q.after else {
+        return Ok(AxumJson(RoutesFeed::Snapshot(snapshot(&state).await?)));
+    };
     let wait = Duration::from_secs(q.wait_seconds.unwrap_or(0).min(MAX_WAIT_SECONDS));
     let deadline = tokio::time::Instant::now() + wait;
-    if let Some(after) = q.after {
-        loop {
-            // Register for the wake-up before reading, so a bump between the read and the
-            // wait is not missed.
-            let notified = state.routes_changed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            // A shutdown that begins ends the wait: the shutdown waits for open requests.
-            if state.is_shutting_down() || state.db.route_version().await? != after {
-                break;
-            }
-            let now = tokio::time::Instant::now();
-            if now >= deadline {
-                break;
-            }
-            let nap = (deadline - now).min(REPOLL);
-            let _ = tokio::time::timeout(nap, notified).await;
+    loop {
+        // Register for the wake-up before reading, so a change between the read and the
+        // wait is not missed.
+        let notified = state.routes_changed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        match routes::feed_after(&state.db, after).await? {
+            Feed::Changes(c) => return Ok(AxumJson(RoutesFeed::Changes(c))),
+            Feed::Snapshot(s) => return Ok(AxumJson(RoutesFeed::Snapshot(s))),
+            Feed::Unchanged => {}
         }
+        let now = tokio::time::Instant::now();
+        // A shutdown that begins ends the wait: the shutdown waits for open requests.
+        if now >= deadline || state.is_shutting_down() {
+            return Ok(AxumJson(RoutesFeed::Changes(RouteChanges {
+                from: after,
+                version: after,
+                changes: Vec::new(),
+            })));
+        }
+        let nap = (deadline - now).min(REPOLL);
+        let _ = tokio::time::timeout(nap, notified).await;
     }
-    Ok(AxumJson(snapshot(&state).await?))
 }
 
-/// Builds the routing table: every up notebook, its upstream, owner and viewers.
+/// The whole routing table: every up notebook, every team's members, every organization's
+/// admins.
 pub async fn snapshot(state: &AppState) -> Result<RoutesSnapshot, ApiError> {
-    Ok(crate::store::edges::routes(&state.db).await?)
+    Ok(routes::snapshot(&state.db).await?)
 }
 
 /// An edge's activity report.

@@ -5,7 +5,7 @@
 use marina_config::Id;
 
 use super::page::{self, PageSpec};
-use super::{bump_routes, now_ms, Db};
+use super::{bump_routes, now_ms, record_route_changes, Changed, Db};
 use crate::error::StoreError;
 use crate::model::{Member, Page, Role};
 
@@ -56,7 +56,8 @@ pub async fn insert(db: &Db, org: Id, f: MemberFields, by: Id) -> Result<Id, Sto
     let id = Id::random();
     let now = now_ms();
     let mut tx = db.pool.begin().await?;
-    bump_routes(&mut tx).await?;
+    let v = bump_routes(&mut tx).await?;
+    record_route_changes(&mut tx, v, &[Changed::OrgAdmin { org, member: id }]).await?;
     sqlx::query(
         "INSERT INTO members (id, org_id, name, email, role, created_at, created_by, updated_at, updated_by)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $6, $7)",
@@ -115,7 +116,8 @@ pub async fn update(
     by: Id,
 ) -> Result<Outcome, StoreError> {
     let mut tx = db.pool.begin().await?;
-    bump_routes(&mut tx).await?;
+    let v = bump_routes(&mut tx).await?;
+    record_route_changes(&mut tx, v, &[Changed::OrgAdmin { org, member: id }]).await?;
     sqlx::query(
         "UPDATE members SET name = $1, email = $2, role = $3, updated_at = $4, updated_by = $5
          WHERE id = $6 AND org_id = $7",
@@ -140,12 +142,27 @@ pub async fn update(
 /// or is the last admin.
 pub async fn delete(db: &Db, org: Id, id: Id) -> Result<Outcome, StoreError> {
     let mut tx = db.pool.begin().await?;
-    bump_routes(&mut tx).await?;
+    let v = bump_routes(&mut tx).await?;
     let owned = super::notebooks::owned_by(&mut tx, id).await?;
     if owned > 0 {
         tx.rollback().await?;
         return Ok(Outcome::OwnsNotebooks(owned));
     }
+    // His admin role and memberships go with him (the memberships by cascade): tell the edges.
+    let teams: Vec<String> =
+        sqlx::query_scalar("SELECT team_id FROM team_members WHERE member_id = $1")
+            .bind(id.to_string())
+            .fetch_all(&mut *tx)
+            .await?;
+    let mut changes = vec![Changed::OrgAdmin { org, member: id }];
+    for t in teams {
+        let team = Id::parse(&t).map_err(|_| StoreError::Corrupt {
+            column: "team_id",
+            value: t.clone(),
+        })?;
+        changes.push(Changed::TeamMember { team, member: id });
+    }
+    record_route_changes(&mut tx, v, &changes).await?;
     sqlx::query("DELETE FROM members WHERE id = $1 AND org_id = $2")
         .bind(id.to_string())
         .bind(org.to_string())

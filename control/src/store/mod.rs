@@ -34,6 +34,7 @@ pub mod notebooks;
 pub mod orgs;
 pub mod page;
 pub mod routes;
+pub use routes::{bump_routes, record as record_route_changes, Changed};
 mod rows;
 pub mod teams;
 
@@ -211,6 +212,22 @@ CREATE TABLE meta (
     // 2: when the last start or stop began, so a transition whose driver died with its
     // control replica can be found and driven again.
     "ALTER TABLE notebooks ADD COLUMN transition_at BIGINT",
+    // 3: the routes feed's change log (store/routes.rs): which keys changed at which version,
+    // and how far it was pruned. Edges that ask after an older version get a snapshot.
+    r#"
+CREATE TABLE route_changes (
+    version BIGINT NOT NULL,
+    seq BIGINT NOT NULL,
+    at BIGINT NOT NULL,
+    kind TEXT NOT NULL,
+    a TEXT NOT NULL,
+    b TEXT,
+    PRIMARY KEY (version, seq)
+);
+CREATE INDEX route_changes_at ON route_changes (at);
+ALTER TABLE route_version ADD COLUMN pruned_through BIGINT NOT NULL DEFAULT 0;
+UPDATE route_version SET pruned_through = version
+"#,
 ];
 
 // === impl Db ===
@@ -359,16 +376,6 @@ impl Db {
     }
 }
 
-/// Bumps the routes version inside `tx`. Put it first in a write transaction: on SQLite the
-/// transaction then holds the write lock from its first statement, so it cannot fail later
-/// upgrading a read snapshot.
-pub async fn bump_routes(conn: &mut sqlx::AnyConnection) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE route_version SET version = version + 1 WHERE id = 1")
-        .execute(conn)
-        .await?;
-    Ok(())
-}
-
 /// `sqlite:PATH` / `sqlite://PATH` → `sqlite://PATH?mode=rwc` (create the file if needed),
 /// creating the parent directory.
 fn sqlite_url(url: &str) -> Result<String, ControlError> {
@@ -491,9 +498,11 @@ async fn delete_with_dependents(
     db: &Db,
     statements: &[&'static str],
     id: Id,
+    changed: Changed,
 ) -> Result<(), StoreError> {
     let mut tx = db.pool.begin().await?;
-    bump_routes(&mut tx).await?;
+    let v = bump_routes(&mut tx).await?;
+    record_route_changes(&mut tx, v, &[changed]).await?;
     for sql in statements {
         sqlx::query(sql)
             .bind(id.to_string())
@@ -507,10 +516,19 @@ async fn delete_with_dependents(
 /// Inserts link rows (`sql`, an `INSERT … VALUES ($1, $2, $3 created at, $4 created by) ON
 /// CONFLICT … DO NOTHING`), one per `b`, and bumps the routes version in the same transaction,
 /// so the edges learn of the access the links give. A link already there is fine.
-async fn add_links(db: &Db, sql: &'static str, a: Id, bs: &[Id], by: Id) -> Result<(), StoreError> {
+async fn add_links(
+    db: &Db,
+    sql: &'static str,
+    a: Id,
+    bs: &[Id],
+    by: Id,
+    changed: fn(Id, Id) -> Changed,
+) -> Result<(), StoreError> {
     let now = now_ms();
     let mut tx = db.pool.begin().await?;
-    bump_routes(&mut tx).await?;
+    let v = bump_routes(&mut tx).await?;
+    let changes: Vec<Changed> = bs.iter().map(|b| changed(a, *b)).collect();
+    record_route_changes(&mut tx, v, &changes).await?;
     for b in bs {
         sqlx::query(sql)
             .bind(a.to_string())
@@ -527,9 +545,16 @@ async fn add_links(db: &Db, sql: &'static str, a: Id, bs: &[Id], by: Id) -> Resu
 /// Deletes one link row (`sql`, a `DELETE … WHERE x = $1 AND y = $2`) and bumps the routes
 /// version in the same transaction, so the edges drop the access the link gave (and close the
 /// connections it allowed). False, with nothing changed, when there was no such row.
-async fn delete_link(db: &Db, sql: &'static str, a: Id, b: Id) -> Result<bool, StoreError> {
+async fn delete_link(
+    db: &Db,
+    sql: &'static str,
+    a: Id,
+    b: Id,
+    changed: Changed,
+) -> Result<bool, StoreError> {
     let mut tx = db.pool.begin().await?;
-    bump_routes(&mut tx).await?;
+    let v = bump_routes(&mut tx).await?;
+    record_route_changes(&mut tx, v, &[changed]).await?;
     let res = sqlx::query(sql)
         .bind(a.to_string())
         .bind(b.to_string())

@@ -19,7 +19,7 @@ use super::page::{self, PageSpec};
 use super::rows::get_parsed;
 use super::{
     bind_all, bump_routes, commit_if_changed, delete_with_dependents, get_id, get_opt_id,
-    id_strings, now_ms, placeholders, Arg, Db,
+    id_strings, now_ms, placeholders, record_route_changes, Arg, Changed, Db,
 };
 use crate::error::StoreError;
 use crate::model::{Included, Notebook, NotebookItem, NotebookTeam, Status, WorkloadConfig};
@@ -299,6 +299,7 @@ pub async fn share(db: &Db, id: Id, teams: &[Id], by: Id) -> Result<(), StoreErr
         id,
         teams,
         by,
+        |nb, _team| Changed::Notebook(nb),
     )
     .await
 }
@@ -310,6 +311,7 @@ pub async fn unshare(db: &Db, id: Id, team: Id) -> Result<bool, StoreError> {
         "DELETE FROM notebook_teams WHERE notebook_id = $1 AND team_id = $2",
         id,
         team,
+        Changed::Notebook(id),
     )
     .await
 }
@@ -365,7 +367,8 @@ pub async fn begin_start(
 /// `starting` → `running` at `ep`, if still starting in `session`.
 pub async fn mark_running(db: &Db, id: Id, session: Id, ep: &Endpoint) -> Result<bool, StoreError> {
     let mut tx = db.pool.begin().await?;
-    bump_routes(&mut tx).await?;
+    let v = bump_routes(&mut tx).await?;
+    record_route_changes(&mut tx, v, &[Changed::Notebook(id)]).await?;
     let res = sqlx::query(
         "UPDATE notebooks SET status = 'running', upstream = $1, upstream_token = $2,
             running_since = $3, detached_since = NULL, status_message = NULL
@@ -396,7 +399,8 @@ pub async fn mark_failed(
         format!("('{}')", from.as_str())
     };
     let mut tx = db.pool.begin().await?;
-    bump_routes(&mut tx).await?;
+    let v = bump_routes(&mut tx).await?;
+    record_route_changes(&mut tx, v, &[Changed::Notebook(id)]).await?;
     let res = sqlx::query(&format!(
         "UPDATE notebooks SET status = 'failed', status_message = $1, upstream = NULL,
             upstream_token = NULL, running_since = NULL, detached_since = NULL
@@ -420,7 +424,8 @@ pub async fn begin_stop(
     detached_timeout: i64,
 ) -> Result<Option<Notebook>, StoreError> {
     let mut tx = db.pool.begin().await?;
-    bump_routes(&mut tx).await?;
+    let v = bump_routes(&mut tx).await?;
+    record_route_changes(&mut tx, v, &[Changed::Notebook(id)]).await?;
     let (who_sql, who) = match by {
         Some(m) => (", updated_at = $3, updated_by = $4", Some(m.to_string())),
         None => ("", None),
@@ -474,7 +479,8 @@ pub async fn mark_stop_failed(db: &Db, id: Id, message: &str) -> Result<bool, St
 /// Before a delete: an up or starting notebook → `stopping` (unrouted at once).
 pub async fn begin_delete(db: &Db, id: Id) -> Result<(), StoreError> {
     let mut tx = db.pool.begin().await?;
-    bump_routes(&mut tx).await?;
+    let v = bump_routes(&mut tx).await?;
+    record_route_changes(&mut tx, v, &[Changed::Notebook(id)]).await?;
     sqlx::query(
         "UPDATE notebooks SET status = 'stopping'
          WHERE id = $1 AND status IN ('starting', 'running', 'idle', 'detached')",
@@ -494,7 +500,7 @@ pub async fn delete(db: &Db, id: Id) -> Result<(), StoreError> {
         "DELETE FROM notebook_teams WHERE notebook_id = $1",
         "DELETE FROM notebooks WHERE id = $1",
     ];
-    delete_with_dependents(db, &statements, id).await
+    delete_with_dependents(db, &statements, id, Changed::Notebook(id)).await
 }
 
 /// A ping: activity and presence; idle/detached go straight back to running. False when the
@@ -685,7 +691,8 @@ pub async fn expected(db: &Db, with_starting: bool) -> Result<Vec<Expected>, Sto
 /// An up notebook whose servers were gone after a restart → `stopped`.
 pub async fn mark_gone_after_restart(db: &Db, id: Id, session: Id) -> Result<bool, StoreError> {
     let mut tx = db.pool.begin().await?;
-    bump_routes(&mut tx).await?;
+    let v = bump_routes(&mut tx).await?;
+    record_route_changes(&mut tx, v, &[Changed::Notebook(id)]).await?;
     let res = sqlx::query(&format!(
         "UPDATE notebooks SET status = 'stopped', upstream = NULL, upstream_token = NULL,
             running_since = NULL, detached_since = NULL,
@@ -708,6 +715,23 @@ pub async fn owned_by(conn: &mut sqlx::AnyConnection, member: Id) -> Result<i64,
             .fetch_one(conn)
             .await?,
     )
+}
+
+/// A busy kernel counts as activity: an up notebook of `session` was last active at `now`, and
+/// a detached one was detached since `now`, so its idle and detached timers restart from the
+/// end of the run. False when it moved on (another session, no longer up).
+pub async fn kernel_busy_at(db: &Db, id: Id, session: Id, now: i64) -> Result<bool, StoreError> {
+    let res = sqlx::query(
+        "UPDATE notebooks SET last_active_at = $1,
+             detached_since = CASE WHEN status = 'detached' THEN $1 ELSE detached_since END
+         WHERE id = $2 AND session_id = $3 AND status IN ('running', 'idle', 'detached')",
+    )
+    .bind(now)
+    .bind(id.to_string())
+    .bind(session.to_string())
+    .execute(&db.pool)
+    .await?;
+    Ok(res.rows_affected() > 0)
 }
 
 #[cfg(test)]

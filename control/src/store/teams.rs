@@ -101,13 +101,34 @@ pub async fn rename(db: &Db, org: Id, id: Id, name: &str, by: Id) -> Result<(), 
 }
 
 /// Deletes a team, its memberships and its notebook links, in one transaction.
+/// The edges hear of the team as gone and of every notebook it was shared with (their routes
+/// lose it), read inside the transaction so a share racing the delete is not missed.
 pub async fn delete(db: &Db, id: Id) -> Result<(), StoreError> {
-    let statements = [
+    let mut tx = db.pool.begin().await?;
+    let v = super::bump_routes(&mut tx).await?;
+    let linked: Vec<String> =
+        sqlx::query_scalar("SELECT notebook_id FROM notebook_teams WHERE team_id = $1")
+            .bind(id.to_string())
+            .fetch_all(&mut *tx)
+            .await?;
+    let mut changes = vec![super::Changed::Team(id)];
+    for nb in linked {
+        let nb = Id::parse(&nb).map_err(|_| StoreError::Corrupt {
+            column: "notebook_id",
+            value: nb.clone(),
+        })?;
+        changes.push(super::Changed::Notebook(nb));
+    }
+    super::record_route_changes(&mut tx, v, &changes).await?;
+    for sql in [
         "DELETE FROM notebook_teams WHERE team_id = $1",
         "DELETE FROM team_members WHERE team_id = $1",
         "DELETE FROM teams WHERE id = $1",
-    ];
-    super::delete_with_dependents(db, &statements, id).await
+    ] {
+        sqlx::query(sql).bind(id.to_string()).execute(&mut *tx).await?;
+    }
+    tx.commit().await?;
+    Ok(())
 }
 
 /// A team's members, oldest first.
@@ -138,6 +159,7 @@ pub async fn add_members(db: &Db, team: Id, members: &[Id], by: Id) -> Result<()
         team,
         members,
         by,
+        |team, member| super::Changed::TeamMember { team, member },
     )
     .await
 }
@@ -149,6 +171,7 @@ pub async fn remove_member(db: &Db, team: Id, member: Id) -> Result<bool, StoreE
         "DELETE FROM team_members WHERE team_id = $1 AND member_id = $2",
         team,
         member,
+        super::Changed::TeamMember { team, member },
     )
     .await
 }

@@ -3,6 +3,8 @@
 //! call the router in-process.
 #![allow(dead_code)]
 
+pub mod follower;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -342,6 +344,21 @@ impl Harness {
         }
     }
 
+    /// A second control-plane replica `cp` over `first`'s database, data directory and runtime
+    /// (its own router; the first keeps the temporary directory and database alive).
+    pub fn over(first: &Harness, cp: ControlPlane) -> Harness {
+        Harness {
+            router: cp.router(),
+            cp,
+            runtime: first.runtime.clone(),
+            settings: first.settings.clone(),
+            admin: first.admin.clone(),
+            background: None,
+            dir: tempfile::tempdir().expect("tempdir"),
+            pg: None,
+        }
+    }
+
     /// Starts the monitor (and the start-up reconcile).
     pub async fn start_monitor(&mut self) {
         self.background = Some(self.cp.start_background().await);
@@ -426,7 +443,7 @@ impl Harness {
     }
 
     pub fn internal_token(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("internal-token"))
+        std::fs::read_to_string(self.settings.data_dir.join("internal-token"))
             .expect("internal token file")
             .trim()
             .to_owned()

@@ -282,7 +282,10 @@ mod tests {
                 upstream_token: "marimo-secret".into(),
                 owner_id: id,
                 viewers: vec![],
+                org_id: None,
+                teams: vec![],
             }],
+            ..Default::default()
         })
         .unwrap();
         t.get(id).unwrap()

@@ -1,5 +1,12 @@
 //! Where routes come from: the control plane's long-poll feed, or a static JSON file.
 //!
+//! The feed answers a snapshot first, then only what changed after the version the edge holds
+//! ([`RoutesFeed`]); the edge asks again at once with the new version. After a reconnect the
+//! edge asks from the version it has, and the control plane answers the changes it missed, or
+//! a fresh snapshot when it cannot (the changes were pruned, or another database). A change list
+//! that does not fit (it does not start at the edge's version) is refused and the edge starts
+//! over from a snapshot.
+//!
 //! Either way the edge keeps serving its last good table when the source fails: a control plane
 //! restart or a half-written file must not take notebooks offline.
 
@@ -7,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use marina_config::wire::{RoutesSnapshot, INTERNAL_PREFIX};
+use marina_config::wire::{RoutesFeed, RoutesSnapshot, INTERNAL_PREFIX};
 
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
@@ -65,9 +72,11 @@ pub async fn follow_control(
     metrics: &'static Metrics,
 ) {
     let mut backoff = Duration::from_millis(100);
+    // Set when a change list did not fit: ask for a snapshot (no `after`) next time.
+    let mut resync = false;
     loop {
         // No `after` until something was loaded, so the first answer comes at once.
-        let path = if table.is_loaded() {
+        let path = if table.is_loaded() && !resync {
             format!(
                 "{INTERNAL_PREFIX}/routes?after={}&waitSeconds={WAIT_SECONDS}",
                 table.version()
@@ -81,12 +90,13 @@ pub async fn follow_control(
             .await;
         let err = match outcome {
             Ok((status, body)) if status.is_success() => {
+                metrics.route_feed_bytes.inc_by(body.len() as u64);
                 if status == http::StatusCode::NO_CONTENT || body.is_empty() {
                     backoff = Duration::from_millis(100);
                     continue;
                 }
-                match serde_json::from_slice::<RoutesSnapshot>(&body) {
-                    Ok(snap) if table.is_loaded() && snap.version == table.version() => {
+                match serde_json::from_slice::<RoutesFeed>(&body) {
+                    Ok(RoutesFeed::Changes(c)) if c.changes.is_empty() => {
                         // Nothing new. A control plane that answers at once instead of holding
                         // the request must not turn this loop into a busy one.
                         if let Some(rest) = Duration::from_secs(1).checked_sub(asked.elapsed()) {
@@ -95,15 +105,31 @@ pub async fn follow_control(
                         backoff = Duration::from_millis(100);
                         continue;
                     }
-                    Ok(snap) => match table.apply(snap) {
-                        Ok(()) => {
-                            tracing::debug!(version = table.version(), "routes updated");
-                            backoff = Duration::from_millis(100);
-                            continue;
+                    Ok(feed) => {
+                        let snapshot = matches!(feed, RoutesFeed::Snapshot(_));
+                        match table.apply_feed(feed) {
+                            Ok(n) => {
+                                if snapshot {
+                                    metrics.route_feed_snapshots.inc();
+                                }
+                                metrics.route_feed_changes.inc_by(n as u64);
+                                tracing::debug!(
+                                    version = table.version(),
+                                    changes = n,
+                                    snapshot,
+                                    "routes updated"
+                                );
+                                resync = false;
+                                backoff = Duration::from_millis(100);
+                                continue;
+                            }
+                            Err(e) => {
+                                resync = true;
+                                e
+                            }
                         }
-                        Err(e) => e,
-                    },
-                    Err(e) => format!("routes answer is not a snapshot: {e}"),
+                    }
+                    Err(e) => format!("routes answer is not a snapshot or change list: {e}"),
                 }
             }
             Ok((status, _)) => format!("routes request answered {status}"),

@@ -104,6 +104,8 @@ mod tests {
             upstream_token: "t".into(),
             owner_id: id,
             viewers: vec![],
+            org_id: None,
+            teams: vec![],
         }
     }
 
@@ -114,6 +116,7 @@ mod tests {
         t.apply(RoutesSnapshot {
             version: 1,
             routes: vec![route("AAAAAAAAAA"), route("BBBBBBBBBB")],
+            ..Default::default()
         })
         .unwrap();
         let a = t.get(Id::parse("AAAAAAAAAA").unwrap()).unwrap();
@@ -134,6 +137,7 @@ mod tests {
         t.apply(RoutesSnapshot {
             version: 2,
             routes: vec![route("AAAAAAAAAA")],
+            ..Default::default()
         })
         .unwrap();
         let b = cut_batch(&t, &mut unsent, "e");

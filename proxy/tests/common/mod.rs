@@ -299,6 +299,7 @@ pub fn write_routes(path: &Path, version: u64, routes: &[Route]) {
     let snap = RoutesSnapshot {
         version,
         routes: routes.to_vec(),
+        ..Default::default()
     };
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, serde_json::to_vec(&snap).unwrap()).unwrap();
@@ -313,6 +314,8 @@ pub fn route(nb: &str, session: &str, upstream: SocketAddr, owner: Id, viewers: 
         upstream_token: "marimo-upstream-secret".into(),
         owner_id: owner,
         viewers: viewers.to_vec(),
+        org_id: None,
+        teams: vec![],
     }
 }
 
