@@ -60,7 +60,11 @@ async fn resume_after_a_reconnect(store: Store) {
     edge.check(&h).await;
     assert_eq!(edge.snapshots, 1, "no second snapshot");
     assert!(edge.state.routes.contains_key(&nb2) && !edge.state.routes.contains_key(&nb1));
-    assert_eq!(edge.state.viewers(&nb2).len(), 2, "bob: team member and admin");
+    assert_eq!(
+        edge.state.viewers(&nb2).len(),
+        2,
+        "bob: team member and admin"
+    );
 }
 both!(resume_after_a_reconnect);
 
@@ -148,11 +152,17 @@ async fn changes_applied_in_order(store: Store) {
     );
     let gone = h.routes(Some(at), 0).await;
     assert_eq!(gone["changes"][0]["op"], "teamGone", "{gone}");
-    assert_eq!(gone["changes"][1]["op"], "up", "its notebook's route without it: {gone}");
+    assert_eq!(
+        gone["changes"][1]["op"], "up",
+        "its notebook's route without it: {gone}"
+    );
     edge.apply(&gone);
     edge.check(&h).await;
     assert!(edge.state.teams.is_empty());
-    assert!(!edge.state.viewers(&nb).contains(&bob), "bob saw it through the team only");
+    assert!(
+        !edge.state.viewers(&nb).contains(&bob),
+        "bob saw it through the team only"
+    );
 }
 both!(changes_applied_in_order);
 
@@ -172,8 +182,11 @@ async fn a_change_is_the_same_size_at_any_scale(store: Store) {
             nbs.push(nb);
         }
         let version = h.routes(None, 0).await["version"].as_u64().unwrap();
-        h.delete(&format!("/workloads/notebooks/{}/teams/{team}", nbs[0]), &key)
-            .await;
+        h.delete(
+            &format!("/workloads/notebooks/{}/teams/{team}", nbs[0]),
+            &key,
+        )
+        .await;
         let answer = h.routes(Some(version), 0).await;
         assert_eq!(answer["changes"].as_array().unwrap().len(), 1, "{answer}");
         sizes.push(answer.to_string().len());

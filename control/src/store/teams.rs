@@ -125,7 +125,10 @@ pub async fn delete(db: &Db, id: Id) -> Result<(), StoreError> {
         "DELETE FROM team_members WHERE team_id = $1",
         "DELETE FROM teams WHERE id = $1",
     ] {
-        sqlx::query(sql).bind(id.to_string()).execute(&mut *tx).await?;
+        sqlx::query(sql)
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?;
     }
     tx.commit().await?;
     Ok(())
