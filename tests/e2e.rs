@@ -397,3 +397,121 @@ async fn a_notebook_runs_spark_through_the_edge_and_viewers_only_mirror_it() {
         after.status()
     );
 }
+
+/// A busy kernel is activity: a real Marimo cell that sleeps well past a 3 s idle timeout and a
+/// 3 s detached timeout (its browser gone as soon as the cell started) keeps the notebook up;
+/// once the cell finishes, the timers start again and the notebook is stopped. The signal is
+/// Marimo's own kernel status (`GET /api/kernel/status`), asked by the local runtime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_cell_keeps_its_notebook_up_and_it_stops_after_the_run() {
+    let m = Marina::start(&[
+        ("MARINA_CONTROL__MONITOR_INTERVAL_MS", "200"),
+        ("MARINA_PROXY__ACTIVITY_INTERVAL_MS", "300"),
+        ("MARINA_CONTROL__IDLE_AFTER_SECONDS", "1"),
+        ("MARINA_CONTROL__DETACHED_TIMEOUT_SECONDS", "3"),
+    ])
+    .await;
+    let nb = m.create_notebook("busy").await;
+    let admin = m.admin_key.clone();
+    m.ok(
+        &admin,
+        "PATCH",
+        &format!("/workloads/notebooks/{nb}"),
+        Some(json!({"idleTimeoutSeconds": 3})),
+        200,
+    )
+    .await;
+    m.ok(
+        &admin,
+        "POST",
+        &format!("/workloads/notebooks/{nb}/start"),
+        None,
+        200,
+    )
+    .await;
+    m.wait_status(&nb, "running|detached", Duration::from_secs(180))
+        .await;
+    let open = m
+        .ok(
+            &admin,
+            "POST",
+            &format!("/workloads/notebooks/{nb}/open"),
+            None,
+            200,
+        )
+        .await;
+    let (owner, _) = redeem(&m.http, open["url"].as_str().unwrap())
+        .await
+        .expect("handshake");
+    let page = m
+        .http
+        .get(&owner.base)
+        .header("cookie", &owner.cookie)
+        .send()
+        .await
+        .unwrap();
+    let token = server_token(&page.text().await.unwrap());
+    let mut ws = connect_ws(&owner, "ws?session_id=s_busy01")
+        .await
+        .expect("owner ws");
+    read_until(&mut ws, "kernel-ready", Duration::from_secs(60))
+        .await
+        .unwrap();
+
+    // A cell that runs for 15 s: the owner starts it and closes the tab once it runs.
+    const RUN_S: u64 = 15;
+    let code = format!("import time as _t\n_t.sleep({RUN_S})\nprint('slept')");
+    let run = json!({"cellIds": ["busycell1"], "codes": [code]});
+    assert_eq!(
+        post_marimo(&m.http, &owner, "api/kernel/run", "s_busy01", &token, run).await,
+        200
+    );
+    let started = std::time::Instant::now();
+    read_until(&mut ws, "\"running\"", Duration::from_secs(30))
+        .await
+        .expect("the cell runs");
+    ws.send(Message::Close(None)).await.unwrap();
+    drop(ws);
+
+    // Without the kernel's word it would be stopped within ~3 s (detached and idle alike).
+    // It stays up while the cell runs.
+    m.wait_status(&nb, "detached", Duration::from_secs(10))
+        .await;
+    while started.elapsed() < Duration::from_secs(RUN_S - 2) {
+        let v = m
+            .ok(
+                &admin,
+                "GET",
+                &format!("/workloads/notebooks/{nb}"),
+                None,
+                200,
+            )
+            .await;
+        let status = v["included"]["notebooks"][0]["status"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(
+            matches!(status.as_str(), "running" | "idle" | "detached"),
+            "stopped while its cell ran ({:?} in): {v}",
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // The run ends; the detached timer starts again and the notebook is stopped.
+    let v = m.wait_status(&nb, "stopped", Duration::from_secs(30)).await;
+    assert!(
+        started.elapsed() >= Duration::from_secs(RUN_S),
+        "stopped before its cell finished: {:?}",
+        started.elapsed()
+    );
+    let message = v["statusMessage"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("no browser") || message.contains("without activity"),
+        "{v}"
+    );
+    assert!(
+        m.logs().contains("kernel busy: kept up"),
+        "the control plane says why it kept it"
+    );
+}

@@ -12,9 +12,13 @@ use support::*;
 use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
 
 async fn open_url(m: &Marina, nb: &str) -> String {
+    open_url_as(m, &m.admin_key, nb).await
+}
+
+async fn open_url_as(m: &Marina, key: &str, nb: &str) -> String {
     let v = m
         .ok(
-            &m.admin_key,
+            key,
             "POST",
             &format!("/workloads/notebooks/{nb}/open"),
             None,
@@ -238,4 +242,183 @@ async fn after_a_crash_running_notebooks_are_adopted_and_orphans_removed() {
     m.terminate();
     let left = processes_mentioning(&nb_dir.to_string_lossy());
     assert!(left.is_empty(), "{left:?}");
+}
+
+/// A WebSocket through the edge of session `s`, as a browser opens one.
+async fn socket(
+    s: &EdgeSession,
+    query: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
+    let url = format!("{}ws?{query}", s.base.replacen("http", "ws", 1));
+    let mut req = url.into_client_request().unwrap();
+    req.headers_mut()
+        .insert("cookie", s.cookie.parse().unwrap());
+    req.headers_mut()
+        .insert("origin", s.origin.parse().unwrap());
+    tokio_tungstenite::connect_async(req)
+        .await
+        .expect("ws through the edge")
+        .0
+}
+
+/// Polls presence (as `key`) until `want` holds of its items.
+async fn presence_until(
+    m: &Marina,
+    key: &str,
+    nb: &str,
+    what: &str,
+    want: impl Fn(&[serde_json::Value]) -> bool,
+) -> Vec<serde_json::Value> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let v = m
+            .ok(
+                key,
+                "GET",
+                &format!("/workloads/notebooks/{nb}/presence"),
+                None,
+                200,
+            )
+            .await;
+        let items = v["items"].as_array().cloned().unwrap_or_default();
+        if want(&items) {
+            return items;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}: {v}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn entry<'a>(items: &'a [serde_json::Value], member: &str) -> Option<&'a serde_json::Value> {
+    items.iter().find(|i| i["memberId"] == member)
+}
+
+/// Presence through real sockets on two edge replicas: the owner (through edge 1) and a viewer
+/// (through both) are listed once each with their mode and their sockets summed over the
+/// edges; a closed socket is taken off; an edge that stops reporting (killed) takes its
+/// sockets with it, without detaching a notebook someone still has open elsewhere; the last
+/// socket closed leaves the list empty and the notebook detached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_lists_who_has_the_notebook_open_over_two_edges() {
+    let m = Marina::start(&[
+        ("MARINA_CONTROL__MONITOR_INTERVAL_MS", "200"),
+        ("MARINA_PROXY__ACTIVITY_INTERVAL_MS", "300"),
+        ("MARINA_PROXY__REPLAY_STORE", "control"),
+    ])
+    .await;
+    let admin = m.admin_key.clone();
+    let nb = start_notebook(&m).await;
+    let me = m.ok(&admin, "GET", "/iam/me", None, 200).await;
+    let owner = me["member"]["id"]
+        .as_str()
+        .expect("my member id")
+        .to_owned();
+    let vera = m
+        .ok(
+            &admin,
+            "POST",
+            "/iam/members",
+            Some(serde_json::json!({"name": "Vera"})),
+            201,
+        )
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let team = m
+        .ok(
+            &admin,
+            "POST",
+            "/iam/teams",
+            Some(serde_json::json!({"name": "a"})),
+            201,
+        )
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let body = serde_json::json!({"memberIds": [vera]});
+    m.ok(
+        &admin,
+        "POST",
+        &format!("/iam/teams/{team}/members"),
+        Some(body),
+        200,
+    )
+    .await;
+    let body = serde_json::json!({"teamIds": [team]});
+    m.ok(
+        &admin,
+        "POST",
+        &format!("/workloads/notebooks/{nb}/teams"),
+        Some(body),
+        200,
+    )
+    .await;
+    let vera_key = m
+        .ok(
+            &admin,
+            "POST",
+            &format!("/iam/members/{vera}/api-keys"),
+            Some(serde_json::json!({"name": "v"})),
+            201,
+        )
+        .await["secret"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Nobody yet.
+    let items = presence_until(&m, &vera_key, &nb, "empty", |i| i.is_empty()).await;
+    assert!(items.is_empty());
+
+    let edge2 = SecondEdge::start(&m).await;
+    let (owner_s, _) = redeem(&m.http, &open_url(&m, &nb).await)
+        .await
+        .expect("owner handshake");
+    let mut owner_ws = socket(&owner_s, "session_id=s_pres01").await;
+    let on_edge2 = open_url_as(&m, &vera_key, &nb)
+        .await
+        .replacen(&m.edge, &edge2.url, 1);
+    let (vera_s2, _) = redeem(&m.http, &on_edge2).await.expect("vera on edge 2");
+    let (vera_s1, _) = redeem(&m.http, &open_url_as(&m, &vera_key, &nb).await)
+        .await
+        .expect("vera on edge 1");
+    let vera_ws2 = socket(&vera_s2, "session_id=s_pres02&kiosk=true").await;
+    let mut vera_ws1 = socket(&vera_s1, "session_id=s_pres03&kiosk=true").await;
+
+    let items = presence_until(&m, &vera_key, &nb, "owner and Vera", |i| {
+        entry(i, &owner).is_some_and(|e| e["openSockets"] == 1)
+            && entry(i, &vera).is_some_and(|e| e["openSockets"] == 2)
+    })
+    .await;
+    assert_eq!(items.len(), 2, "one entry per member: {items:?}");
+    assert_eq!(entry(&items, &owner).unwrap()["mode"], "edit");
+    let v = entry(&items, &vera).unwrap();
+    assert_eq!(v["mode"], "view");
+    assert!(v["since"].is_string(), "{v}");
+
+    // Vera closes her tab on edge 1: one socket left, through edge 2.
+    vera_ws1.send(Message::Close(None)).await.unwrap();
+    drop(vera_ws1);
+    presence_until(&m, &admin, &nb, "Vera on edge 2 only", |i| {
+        entry(i, &vera).is_some_and(|e| e["openSockets"] == 1)
+    })
+    .await;
+    // Edge 2 dies (its socket with it, as far as anyone can tell): Vera leaves the list within
+    // a few of its intervals; the owner stays, and so does the notebook.
+    drop(vera_ws2);
+    drop(edge2);
+    let items = presence_until(&m, &admin, &nb, "Vera gone with edge 2", |i| {
+        entry(i, &vera).is_none()
+    })
+    .await;
+    assert!(entry(&items, &owner).is_some(), "{items:?}");
+    let nbv = m.wait_status(&nb, "running", Duration::from_secs(5)).await;
+    assert_eq!(nbv["status"], "running");
+    // The last socket closes: nobody is present, and the notebook is detached.
+    owner_ws.send(Message::Close(None)).await.unwrap();
+    drop(owner_ws);
+    presence_until(&m, &admin, &nb, "empty again", |i| i.is_empty()).await;
+    m.wait_status(&nb, "detached", Duration::from_secs(10))
+        .await;
 }

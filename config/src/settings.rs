@@ -142,6 +142,10 @@ pub struct ControlSettings {
     pub idle_after_seconds: u64,
     /// A notebook `detached` (no browser connected) this long is stopped, seconds. Default 14400.
     pub detached_timeout_seconds: u64,
+    /// A notebook whose kernel is running cells (as Marimo reports it) is not stopped by the
+    /// idle or detached timeout for up to this long, counted from when it was first found busy,
+    /// seconds; 0: a busy kernel never holds a notebook. Default 86400.
+    pub busy_max_seconds: u64,
     /// How often the lifecycle monitor looks at running notebooks, milliseconds. Default 1000.
     pub monitor_interval_ms: u64,
     /// One start attempt may take this long before it counts as failed, seconds. Default 120.
@@ -159,6 +163,7 @@ impl Default for ControlSettings {
             host_page: true,
             idle_after_seconds: 300,
             detached_timeout_seconds: 14_400,
+            busy_max_seconds: 86_400,
             monitor_interval_ms: 1000,
             start_timeout_seconds: 120,
             rate_limit_per_second: 50,

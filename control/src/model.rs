@@ -253,6 +253,37 @@ pub struct NotebookTeamList {
     pub items: Vec<NotebookTeam>,
 }
 
+/// How someone present has a notebook open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PresenceMode {
+    /// The owner, in the editor.
+    Edit,
+    /// Anyone else, in the read-only mirror.
+    View,
+}
+
+/// One member who has a notebook open now.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PresenceEntry {
+    #[schema(value_type = String)]
+    pub member_id: Id,
+    pub mode: PresenceMode,
+    /// Since when the member has had it open without a break (the earliest over the edges).
+    pub since: Option<String>,
+    /// The member's latest activity (a request or message of theirs) in this run, if any.
+    pub last_active_at: Option<String>,
+    /// WebSockets (and event streams) the member has open to it, over every edge replica.
+    pub open_sockets: i64,
+}
+
+/// `GET /workloads/notebooks/{notebook}/presence`.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct PresenceList {
+    pub items: Vec<PresenceEntry>,
+}
+
 /// `POST /workloads/notebooks/{notebook}/open`.
 #[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct OpenUrl {

@@ -53,7 +53,7 @@ async fn a_batch_of_10000_notebooks(store: Store) {
         .enumerate()
         .map(|(i, id)| {
             json!({"notebookId": id, "sessionId": id, "lastActiveMs": at,
-                   "openWebsockets": u32::from(i % 2 == 0)})
+                   "openSockets": u32::from(i % 2 == 0)})
         })
         .collect();
     assert_eq!(
@@ -78,16 +78,17 @@ async fn a_batch_of_10000_notebooks(store: Store) {
     assert_eq!(
         count(
             &h,
-            "SELECT COUNT(*) FROM edge_connections WHERE edge_id = 'edge-a'"
+            "SELECT COUNT(*) FROM edge_connections WHERE edge_id = 'edge-a' AND open_sockets > 0"
         )
         .await,
-        (N / 2) as i64
+        (N / 2) as i64,
+        "one row per (notebook, member), with the sockets it reported"
     );
     // Older activity never moves a notebook back; a wrong session moves nothing.
     let older: Vec<Value> = ids
         .iter()
-        .map(|id| json!({"notebookId": id, "sessionId": id, "lastActiveMs": at - 500_000, "openWebsockets": 0}))
-        .chain([json!({"notebookId": ids[0], "sessionId": "ZZZZZZZZZZ", "lastActiveMs": at + 10, "openWebsockets": 0})])
+        .map(|id| json!({"notebookId": id, "sessionId": id, "lastActiveMs": at - 500_000, "openSockets": 0}))
+        .chain([json!({"notebookId": ids[0], "sessionId": "ZZZZZZZZZZ", "lastActiveMs": at + 10, "openSockets": 0})])
         .collect();
     h.activity("edge-a", json!(older)).await;
     assert_eq!(
@@ -98,7 +99,7 @@ async fn a_batch_of_10000_notebooks(store: Store) {
     assert_eq!(
         count(
             &h,
-            "SELECT COUNT(*) FROM edge_connections WHERE edge_id = 'edge-a'"
+            "SELECT COUNT(*) FROM edge_connections WHERE edge_id = 'edge-a' AND open_sockets > 0"
         )
         .await,
         0,
@@ -107,8 +108,8 @@ async fn a_batch_of_10000_notebooks(store: Store) {
     // An edge's clock ahead of ours is capped at ours; a notebook named twice is summed.
     let future = now_ms() + 3_600_000;
     let twice = json!([
-        {"notebookId": ids[1], "sessionId": ids[1], "lastActiveMs": future, "openWebsockets": 2},
-        {"notebookId": ids[1], "sessionId": ids[1], "lastActiveMs": at, "openWebsockets": 3},
+        {"notebookId": ids[1], "sessionId": ids[1], "lastActiveMs": future, "openSockets": 2},
+        {"notebookId": ids[1], "sessionId": ids[1], "lastActiveMs": at, "openSockets": 3},
     ]);
     h.activity("edge-b", twice).await;
     let last: i64 = count(
@@ -126,7 +127,7 @@ async fn a_batch_of_10000_notebooks(store: Store) {
     assert_eq!(
         count(
             &h,
-            "SELECT open_websockets FROM edge_connections WHERE edge_id = 'edge-b'"
+            "SELECT open_sockets FROM edge_connections WHERE edge_id = 'edge-b'"
         )
         .await,
         5

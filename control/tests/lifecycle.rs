@@ -499,7 +499,7 @@ async fn monitor_idle_then_stopped_and_activity_wakes(store: Store) {
         .as_str()
         .unwrap()
         .to_owned();
-    let connected = |active: Option<i64>| json!([{"notebookId": nb, "sessionId": session, "lastActiveMs": active, "openWebsockets": 1}]);
+    let connected = |active: Option<i64>| json!([{"notebookId": nb, "sessionId": session, "lastActiveMs": active, "openSockets": 1}]);
     // Connected but quiet: idle after idle_after (1 s). The edge keeps reporting its open
     // WebSocket, or it would expire and the notebook count as detached.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -562,7 +562,8 @@ async fn monitor_idle_timeout_zero_disables_and_edges_expire(store: Store) {
         .as_str()
         .unwrap()
         .to_owned();
-    let entry = json!([{"notebookId": nb, "sessionId": session, "lastActiveMs": null, "openWebsockets": 2}]);
+    let entry =
+        json!([{"notebookId": nb, "sessionId": session, "lastActiveMs": null, "openSockets": 2}]);
     for _ in 0..15 {
         h.activity("edge-b", entry.clone()).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -689,7 +690,7 @@ async fn large_activity_batches_are_accepted() {
     let entries: Vec<Value> = (0..2000)
         .map(|_| {
             json!({"notebookId": marina_config::Id::random(), "sessionId": marina_config::Id::random(),
-                   "lastActiveMs": common::now_ms(), "openWebsockets": 1})
+                   "lastActiveMs": common::now_ms(), "openSockets": 1})
         })
         .collect();
     assert!(json!(entries).to_string().len() > 64 * 1024);

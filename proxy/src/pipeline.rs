@@ -184,8 +184,12 @@ async fn pipeline(
         return websocket_phase(shared, &route, identity, parts, kind, &names, info).await;
     }
     // Phase 4, `forward` (HTTP).
-    let guard = (decision.transport == Transport::EventStream)
-        .then(|| route.activity.open_stream(&shared.metrics.streams_open));
+    let guard = (decision.transport == Transport::EventStream).then(|| {
+        route
+            .activity
+            .member(identity.member, identity.mode)
+            .open_stream(&shared.metrics.streams_open)
+    });
     // HTTP/1 browser connections carry one request at a time: they get their own upstream
     // connection. HTTP/2 ones multiplex and use the shared pool.
     let affinity = (parts.version <= http::Version::HTTP_11).then_some(&downstream.upstream);
@@ -286,10 +290,11 @@ async fn websocket_phase(
         .extensions
         .remove::<hyper::upgrade::OnUpgrade>()
         .ok_or_else(|| EdgeError::new(ErrorKind::BadRequest, "not upgradable"))?;
+    let activity = route.activity.member(identity.member, identity.mode);
     let relay = RelayCtx {
         identity,
-        activity: route.activity.clone(),
-        guard: route.activity.open_stream(&shared.metrics.websockets_open),
+        guard: activity.open_stream(&shared.metrics.websockets_open),
+        activity,
         routes: shared.routes.clone(),
         shutdown: shared.ws_shutdown.subscribe(),
         metrics: shared.metrics,
@@ -302,9 +307,9 @@ async fn websocket_phase(
 /// authorized and is not one of the UI's timers, even if the upstream then failed (the person
 /// was there).
 fn record_activity(ctx: &RequestCtx) {
-    if let (Some(route), Some(_), Some(d)) = (&ctx.route, &ctx.identity, &ctx.decision) {
+    if let (Some(route), Some(who), Some(d)) = (&ctx.route, &ctx.identity, &ctx.decision) {
         if d.activity {
-            route.activity.touch();
+            route.activity.touch(who.member, who.mode);
         }
     }
 }

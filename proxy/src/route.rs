@@ -584,7 +584,7 @@ pub(crate) mod tests {
             "an org admin views"
         );
         assert_eq!(e.access(bob), None, "anyone else: nothing");
-        e.activity.touch();
+        e.activity.touch(owner, AccessMode::Edit);
         let mut rx = t.subscribe();
         rx.mark_unchanged();
         // A list that does not start at the table's version is refused, the table untouched.

@@ -342,11 +342,14 @@ async fn replay_is_refused_across_replicas_with_the_control_store() {
     tokio::time::sleep(Duration::from_millis(600)).await;
     let batches = control.activity.lock().unwrap().clone();
     assert!(
-        batches
-            .iter()
-            .any(|b| b["notebooks"].as_array().is_some_and(|n| n
-                .iter()
-                .any(|x| x["notebookId"] == NB && x["lastActiveMs"].is_number()))),
+        batches.iter().any(
+            |b| b["activity"]
+                .as_array()
+                .is_some_and(|n| n.iter().any(|x| x["notebookId"] == NB
+                    && x["memberId"] == OWNER
+                    && x["mode"] == "edit"
+                    && x["lastActiveMs"].is_number()))
+        ),
         "{batches:?}"
     );
     a.stop().await;

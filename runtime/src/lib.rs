@@ -16,6 +16,7 @@
 //!   - `kube::status`: reading pod status into ready / waiting / failed-with-a-reason.
 #![forbid(unsafe_code)]
 
+mod kernel;
 pub mod kube;
 pub mod local;
 
@@ -76,6 +77,18 @@ pub enum Health {
     Missing,
 }
 
+/// Whether a notebook's kernel is executing, as its Marimo server reports it
+/// (`GET /api/kernel/status` of each of its sessions; see docs/runtimes.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Busy {
+    /// At least one cell of some session is queued or running.
+    Running,
+    /// Marimo answered and nothing is queued or running.
+    Idle,
+    /// The runtime cannot tell (not implemented, not reachable).
+    Unknown,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
     /// The Python environment (local) could not be prepared.
@@ -121,6 +134,13 @@ pub trait Runtime: Send + Sync + 'static {
     /// expected (orphans after a crash, leftovers of deleted notebooks) and returns the ids of
     /// the expected notebooks that are alive and adopted. Called at start-up and periodically.
     async fn reconcile(&self, expected: &[Expected]) -> Result<Vec<Id>, RuntimeError>;
+
+    /// Whether the notebook's kernel is running cells now. Asked only for a notebook the
+    /// control plane is about to stop for idleness, so it may make a network call; it should
+    /// answer within a couple of seconds. A runtime that cannot tell answers `Unknown`.
+    async fn kernel_busy(&self, _notebook_id: Id) -> Result<Busy, RuntimeError> {
+        Ok(Busy::Unknown)
+    }
 }
 
 #[cfg(test)]

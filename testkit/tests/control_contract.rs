@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use marina_config::wire::{ActivityBatch, NotebookActivity, RedeemRequest, RoutesSnapshot};
+use marina_config::wire::{
+    AccessMode, ActivityBatch, MemberActivity, RedeemRequest, RoutesSnapshot,
+};
 use marina_config::{Id, Settings};
 use marina_control::ControlPlane;
 use marina_runtime::{Endpoint, Expected, Health, Runtime, RuntimeError, StartSpec};
@@ -272,11 +274,14 @@ async fn the_fake_control_plane_answers_as_the_real_one_does() {
     let batch = ActivityBatch {
         edge_id: "edge-contract".into(),
         sent_at_ms: 1,
-        notebooks: vec![NotebookActivity {
+        activity: vec![MemberActivity {
             notebook_id: route.notebook_id,
             session_id: route.session_id,
+            member_id: route.owner_id,
+            mode: AccessMode::Edit,
             last_active_ms: Some(1),
-            open_websockets: 1,
+            open_sockets: 1,
+            open_since_ms: Some(1),
         }],
     };
     let batch = serde_json::to_value(&batch).unwrap();

@@ -81,6 +81,10 @@ pub async fn snapshot(state: &AppState) -> Result<RoutesSnapshot, ApiError> {
     Ok(routes::snapshot(&state.db).await?)
 }
 
+/// The most (notebook, member) entries one activity batch may carry: 10,000 notebooks with 25
+/// people each (about 50 MB of JSON, under `INTERNAL_BODY_LIMIT`).
+const MAX_ACTIVITY_ENTRIES: usize = 250_000;
+
 /// An edge's activity report.
 #[utoipa::path(post, path = "/internal/v1/activity", tag = "internal",
     request_body(content = Object, description = "ActivityBatch (marina_config::wire)"),
@@ -94,8 +98,8 @@ pub async fn activity_post(
     if batch.edge_id.is_empty() || batch.edge_id.len() > 200 {
         return Err(ApiError::invalid("edgeId", "must be 1 to 200 characters"));
     }
-    if batch.notebooks.len() > 100_000 {
-        return Err(ApiError::invalid("notebooks", "at most 100000 entries"));
+    if batch.activity.len() > MAX_ACTIVITY_ENTRIES {
+        return Err(ApiError::invalid("activity", "at most 250000 entries"));
     }
     state.lifecycle.record_activity(&batch).await?;
     Ok(StatusCode::NO_CONTENT)

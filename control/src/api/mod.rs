@@ -48,8 +48,8 @@ impl From<LifecycleError> for ApiError {
     }
 }
 
-/// Largest activity batch an edge may send, bytes (about 80,000 notebooks).
-pub const INTERNAL_BODY_LIMIT: usize = 16 * 1024 * 1024;
+/// Largest activity batch an edge may send, bytes (about 250,000 (notebook, member) entries).
+pub const INTERNAL_BODY_LIMIT: usize = 64 * 1024 * 1024;
 
 /// Builds the router over `state`.
 pub fn router(state: AppState) -> Router {
@@ -75,6 +75,10 @@ pub fn router(state: AppState) -> Router {
         .route("/workloads/notebooks/{notebook}/stop", post(notebooks_stop))
         .route("/workloads/notebooks/{notebook}/open", post(notebooks_open))
         .route("/workloads/notebooks/{notebook}/ping", post(notebooks_ping))
+        .route(
+            "/workloads/notebooks/{notebook}/presence",
+            get(notebooks_presence),
+        )
         .route(
             "/workloads/notebooks/{notebook}/teams",
             get(notebook_teams_list).post(notebook_teams_add),
@@ -198,6 +202,7 @@ async fn observe(State(state): State<AppState>, mut req: Request, next: Next) ->
         notebooks::notebooks_list, notebooks::notebooks_create, notebooks::notebooks_get,
         notebooks::notebooks_update, notebooks::notebooks_delete, notebooks::notebooks_start,
         notebooks::notebooks_stop, notebooks::notebooks_open, notebooks::notebooks_ping,
+        notebooks::notebooks_presence,
         notebooks::notebook_teams_list, notebooks::notebook_teams_add,
         notebooks::notebook_teams_remove, notebooks::team_notebooks_list,
         configs::configs_list, configs::configs_create, configs::configs_get,
@@ -213,7 +218,7 @@ async fn observe(State(state): State<AppState>, mut req: Request, next: Next) ->
     components(schemas(
         Notebook, NotebookItem, Team, TeamWithCount, WorkloadConfig, WorkloadConfigBody,
         EndpointLimits, Included, NotebookList, NotebookOne, NotebookTeam, NotebookTeamList,
-        OpenUrl, Member, ApiKey, TeamMember, Me, CreatedApiKey, Status, Role,
+        OpenUrl, PresenceList, PresenceEntry, PresenceMode, Member, ApiKey, TeamMember, Me, CreatedApiKey, Status, Role,
         CreateNotebookBody, UpdateNotebookBody, TeamIdsBody, CreateWorkloadConfigBody,
         UpdateWorkloadConfigBody, CreateMemberBody, UpdateMemberBody, TeamBody, MemberIdsBody,
         CreateApiKeyBody,

@@ -347,6 +347,35 @@ pub async fn notebooks_ping(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Who has the notebook open now: one entry per member with a socket open to its current run
+/// through an edge replica that reported within the last few seconds, summed over replicas.
+/// Empty when it is not running.
+#[utoipa::path(get, path = "/workloads/notebooks/{notebook}/presence", tag = "notebooks",
+    params(("notebook" = String, Path, description = "A notebook ID")),
+    responses((status = 200, body = PresenceList), (status = 400), (status = 401), (status = 404)),
+    security(("apiKey" = [])))]
+pub async fn notebooks_presence(
+    State(state): State<AppState>,
+    access: VisibleNotebook,
+) -> Result<AxumJson<PresenceList>, ApiError> {
+    let since = crate::store::now_ms() - crate::lifecycle::edge_expiry_ms(&state.settings);
+    let rows = crate::store::edges::presence(&state.db, access.notebook.id, since).await?;
+    let items = rows
+        .into_iter()
+        .map(|p| PresenceEntry {
+            member_id: p.member_id,
+            mode: match p.mode {
+                AccessMode::Edit => PresenceMode::Edit,
+                AccessMode::View => PresenceMode::View,
+            },
+            since: p.since.map(crate::store::rfc3339),
+            last_active_at: p.last_active_at.map(crate::store::rfc3339),
+            open_sockets: p.open_sockets,
+        })
+        .collect();
+    Ok(AxumJson(PresenceList { items }))
+}
+
 /// Teams with access to a notebook.
 #[utoipa::path(get, path = "/workloads/notebooks/{notebook}/teams", tag = "notebooks",
     params(("notebook" = String, Path, description = "A notebook ID"), ("limit" = Option<i32>, Query, minimum = 0, maximum = 100)),

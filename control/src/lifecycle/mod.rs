@@ -68,6 +68,10 @@ pub struct Parts {
     /// Woken when a transition bumps the routes version (shared with the routes long poll).
     pub routes_changed: Arc<Notify>,
     driver: Driver,
+    /// Notebooks held up by a busy kernel (`monitor::held_by_busy_kernel`). In memory,
+    /// touched only by the monitor tick: a new monitor leaseholder starts the busy maximum
+    /// afresh, which lengthens a hold by at most one maximum per failover.
+    busy_runs: Mutex<HashMap<Id, monitor::BusyRun>>,
     /// Identifies this process in the monitor lease.
     pub instance_id: String,
 }
@@ -77,6 +81,14 @@ impl Deref for Lifecycle {
     fn deref(&self) -> &Parts {
         &self.0
     }
+}
+
+/// How long an edge's latest report counts, milliseconds: an edge that stopped reporting
+/// (crashed, scaled down) no longer counts after a few of its intervals, for the monitor's
+/// open sockets and for presence alike.
+pub fn edge_expiry_ms(settings: &Settings) -> i64 {
+    (settings.proxy.activity_interval_ms as i64 * 5)
+        .max(settings.control.monitor_interval_ms as i64 * 3)
 }
 
 impl Lifecycle {
@@ -94,6 +106,7 @@ impl Lifecycle {
             metrics,
             routes_changed,
             driver: Driver::default(),
+            busy_runs: Default::default(),
             instance_id: format!("{}-{}", std::process::id(), Id::random()),
         }))
     }

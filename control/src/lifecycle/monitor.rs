@@ -4,10 +4,11 @@
 //! holder of the `monitor` lease acts, so several control replicas do not all stop the same
 //! notebook.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use marina_config::Id;
-use marina_runtime::Health;
+use marina_runtime::{Busy, Health};
 
 use super::driver::{mark_failed, spawn_start, spawn_stop};
 use super::transitions::{sail_config, stop};
@@ -72,14 +73,16 @@ pub(super) async fn run_monitor(lc: Lifecycle, mut shutdown: tokio::sync::watch:
 pub(super) async fn monitor_tick(lc: &Lifecycle) -> Result<(), LifecycleError> {
     let now = now_ms();
     let settings = &lc.settings;
-    // An edge that stopped reporting (crashed, scaled down) no longer counts after a few of
-    // its intervals.
-    let edge_expiry = (settings.proxy.activity_interval_ms as i64 * 5)
-        .max(settings.control.monitor_interval_ms as i64 * 3);
-    let rows = store::up_for_monitor(&lc.db, now - edge_expiry).await?;
+    let rows = store::up_for_monitor(&lc.db, now - super::edge_expiry_ms(settings)).await?;
+    // A notebook no longer up (stopped by its owner, gone) forgets its busy run.
+    busy_runs(lc).retain(|id, _| rows.iter().any(|r| r.id == *id));
     let idle_after = settings.control.idle_after_seconds as i64 * 1000;
     let detached_timeout = settings.control.detached_timeout_seconds as i64 * 1000;
     for row in rows {
+        if recheck_busy_run(lc, &row, now).await? {
+            // Its timers just moved: judged on the next tick, from fresh rows.
+            continue;
+        }
         match judge(&row, now, idle_after, detached_timeout) {
             Verdict::Stay => {}
             Verdict::Move(desired) => {
@@ -87,6 +90,8 @@ pub(super) async fn monitor_tick(lc: &Lifecycle) -> Result<(), LifecycleError> {
                 store::set_presence(&lc.db, row.id, row.session, row.status, desired, since)
                     .await?;
             }
+            Verdict::StopIdle | Verdict::StopDetached
+                if held_by_busy_kernel(lc, &row, now).await? => {}
             Verdict::StopIdle => {
                 let message = format!(
                     "stopped after {} s without activity (idleTimeoutSeconds)",
@@ -106,6 +111,137 @@ pub(super) async fn monitor_tick(lc: &Lifecycle) -> Result<(), LifecycleError> {
     refresh_gauges(lc).await?;
     Ok(())
 }
+
+/// A kernel found running cells when its notebook was about to be stopped (see
+/// [`held_by_busy_kernel`]).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct BusyRun {
+    /// The notebook run it was found busy in.
+    session: Id,
+    /// When it was first found busy (the start of the hold, for `control.busy_max_seconds`).
+    since: i64,
+    /// When the runtime was last asked.
+    checked: i64,
+}
+
+/// How often a held notebook's kernel is asked again, to see its run end: every five monitor
+/// intervals, at most 5 s (and at least 0.5 s). The idle and detached timers restart at most
+/// this long after the last cell finishes.
+fn busy_recheck_ms(lc: &Lifecycle) -> i64 {
+    (lc.settings.control.monitor_interval_ms as i64 * 5).clamp(500, 5_000)
+}
+
+fn busy_runs(lc: &Lifecycle) -> std::sync::MutexGuard<'_, HashMap<Id, BusyRun>> {
+    lc.busy_runs.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Asks the runtime, within [`BUSY_QUERY_TIMEOUT`]. Only a kernel that says it is running
+/// counts: an error or no answer is `Unknown`.
+async fn ask_kernel(lc: &Lifecycle, id: Id) -> Busy {
+    match tokio::time::timeout(BUSY_QUERY_TIMEOUT, lc.runtime.kernel_busy(id)).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => {
+            tracing::warn!(notebook = %id, error = %e, "kernel status");
+            Busy::Unknown
+        }
+        Err(_) => {
+            tracing::warn!(notebook = %id, "kernel status: no answer in time");
+            Busy::Unknown
+        }
+    }
+}
+
+/// A notebook held up by its busy kernel is asked again every [`busy_recheck_ms`]: still
+/// running, its timers move to now (within the maximum); finished, they move to now once more,
+/// so the idle and detached timeouts count from the end of the run, and the hold is over.
+/// True when the timers were moved.
+async fn recheck_busy_run(
+    lc: &Lifecycle,
+    row: &store::UpNotebook,
+    now: i64,
+) -> Result<bool, LifecycleError> {
+    let run = match busy_runs(lc).get(&row.id).copied() {
+        Some(r) if r.session == row.session && now - r.checked >= busy_recheck_ms(lc) => r,
+        _ => return Ok(false),
+    };
+    let busy = ask_kernel(lc, row.id).await;
+    let max_ms = lc.settings.control.busy_max_seconds as i64 * 1000;
+    if busy == Busy::Running && now - run.since < max_ms {
+        busy_runs(lc).insert(
+            row.id,
+            BusyRun {
+                checked: now,
+                ..run
+            },
+        );
+    } else {
+        busy_runs(lc).remove(&row.id);
+        if busy == Busy::Running {
+            // Past the maximum: the timers run out from the last move, as without a kernel.
+            return Ok(false);
+        }
+        tracing::info!(notebook = %row.id, kernel = ?busy, "kernel no longer busy; timers restart");
+    }
+    Ok(store::kernel_busy_at(&lc.db, row.id, row.session, now).await?)
+}
+
+/// A notebook `judge` would stop for idleness or detachment: asks the runtime whether its
+/// kernel is running cells, and if so (and within `control.busy_max_seconds` of when it was
+/// first found busy) keeps it up, counting the run as activity. True when it is kept.
+async fn held_by_busy_kernel(
+    lc: &Lifecycle,
+    row: &store::UpNotebook,
+    now: i64,
+) -> Result<bool, LifecycleError> {
+    let max_ms = lc.settings.control.busy_max_seconds as i64 * 1000;
+    if max_ms == 0 {
+        return Ok(false);
+    }
+    // Only a kernel that says it is running holds the notebook. Idle, and also unknown or an
+    // error: a runtime that cannot tell (kube without reach, Marimo wedged) must not keep
+    // notebooks up forever, so it is stopped as it would be without this check.
+    let busy = ask_kernel(lc, row.id).await;
+    if busy != Busy::Running {
+        busy_runs(lc).remove(&row.id);
+        return Ok(false);
+    }
+    let since = {
+        let mut runs = busy_runs(lc);
+        let run = runs.entry(row.id).or_insert(BusyRun {
+            session: row.session,
+            since: now,
+            checked: now,
+        });
+        if run.session != row.session {
+            *run = BusyRun {
+                session: row.session,
+                since: now,
+                checked: now,
+            };
+        }
+        run.checked = now;
+        run.since
+    };
+    if now - since >= max_ms {
+        busy_runs(lc).remove(&row.id);
+        lc.metrics.event("busy_max_reached");
+        tracing::info!(
+            notebook = %row.id,
+            busy_seconds = (now - since) / 1000,
+            "kernel busy past control.busy_max_seconds; stopping it as idle or detached"
+        );
+        return Ok(false);
+    }
+    if since == now {
+        tracing::info!(notebook = %row.id, "kernel busy: kept up past its idle or detached timeout");
+    }
+    lc.metrics.event("busy_kept");
+    store::kernel_busy_at(&lc.db, row.id, row.session, now).await?;
+    Ok(true)
+}
+
+/// How long the monitor waits for a runtime's kernel status.
+const BUSY_QUERY_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// What the monitor does with an up notebook.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -403,6 +539,159 @@ mod tests {
         assert!(f.rt.is_running(busy));
     }
 
+    fn stopping(status: Status) -> bool {
+        matches!(status, Status::Stopping | Status::Stopped)
+    }
+
+    #[tokio::test]
+    async fn a_busy_kernel_keeps_an_idle_expired_notebook_up_until_the_run_ends() {
+        let f = Fixture::new(3, |_| {}).await;
+        let nb = running(&f, 1).await;
+        assert!(record_ping(&f, nb).await);
+        connect_without_activity(&f, nb).await;
+        monitor_tick(&f.lc).await.expect("tick");
+        // Not about to stop: the runtime is not asked.
+        assert_eq!(f.rt.busy_queries_of(nb), 0);
+        f.rt.set_busy(nb, Some(Busy::Running));
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        connect_without_activity(&f, nb).await;
+        monitor_tick(&f.lc).await.expect("tick");
+        assert_eq!(f.rt.busy_queries_of(nb), 1);
+        assert_eq!(f.get(nb).await.status, Status::Running);
+        assert!(f.rt.is_running(nb));
+        // The run ends: the idle timeout counts from the last time it was found busy, so the
+        // next tick keeps it and only a full timeout later is it stopped.
+        f.rt.set_busy(nb, Some(Busy::Idle));
+        monitor_tick(&f.lc).await.expect("tick");
+        assert_eq!(f.get(nb).await.status, Status::Running);
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        connect_without_activity(&f, nb).await;
+        monitor_tick(&f.lc).await.expect("tick");
+        let got = f.wait_for(nb, Status::Stopped).await;
+        assert_eq!(
+            got.status_message.as_deref(),
+            Some("stopped after 1 s without activity (idleTimeoutSeconds)")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_busy_kernel_keeps_a_detached_notebook_up_and_the_timer_restarts_after() {
+        let f = Fixture::new(3, |s| s.control.detached_timeout_seconds = 1).await;
+        let nb = running(&f, 0).await;
+        f.rt.set_busy(nb, Some(Busy::Running));
+        monitor_tick(&f.lc).await.expect("tick");
+        assert_eq!(f.get(nb).await.status, Status::Detached);
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        monitor_tick(&f.lc).await.expect("tick");
+        assert_eq!(f.get(nb).await.status, Status::Detached);
+        assert_eq!(f.rt.busy_queries_of(nb), 1);
+        // Not busy any more: the detached timer starts from the end of the run.
+        f.rt.set_busy(nb, Some(Busy::Idle));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        monitor_tick(&f.lc).await.expect("tick");
+        assert_eq!(f.get(nb).await.status, Status::Detached);
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        monitor_tick(&f.lc).await.expect("tick");
+        let got = f.wait_for(nb, Status::Stopped).await;
+        assert_eq!(
+            got.status_message.as_deref(),
+            Some("stopped after 1 s with no browser connected")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_held_notebook_is_asked_again_and_its_timers_restart_when_the_run_ends() {
+        // Monitor every 100 ms: a held kernel is asked again every 500 ms.
+        let f = Fixture::new(3, |s| {
+            s.control.detached_timeout_seconds = 1;
+            s.control.monitor_interval_ms = 100;
+        })
+        .await;
+        let nb = running(&f, 0).await;
+        monitor_tick(&f.lc).await.expect("tick");
+        assert_eq!(f.get(nb).await.status, Status::Detached);
+        f.rt.set_busy(nb, Some(Busy::Running));
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        monitor_tick(&f.lc).await.expect("tick");
+        assert_eq!(f.rt.busy_queries_of(nb), 1, "about to stop: asked");
+        // Still running half a second later: asked again, kept.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        monitor_tick(&f.lc).await.expect("tick");
+        assert_eq!(f.rt.busy_queries_of(nb), 2);
+        // The run ends: seen on the next recheck, and the detached timer starts from there.
+        f.rt.set_busy(nb, Some(Busy::Idle));
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        monitor_tick(&f.lc).await.expect("tick");
+        assert_eq!(f.rt.busy_queries_of(nb), 3);
+        let ended = now_ms();
+        // The hold is over: not asked again until the timer runs out a full timeout later.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        monitor_tick(&f.lc).await.expect("tick");
+        assert_eq!(f.get(nb).await.status, Status::Detached);
+        assert_eq!(f.rt.busy_queries_of(nb), 3);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        monitor_tick(&f.lc).await.expect("tick");
+        assert!(stopping(f.get(nb).await.status));
+        assert!(
+            now_ms() - ended >= 1000,
+            "a full timeout after the run's end"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_kernel_that_is_idle_unknown_or_unreachable_does_not_hold_a_notebook() {
+        // A runtime that cannot tell must not keep notebooks forever: only a kernel that
+        // reports running cells holds one, anything else is stopped as without the check.
+        let f = Fixture::new(3, |s| s.control.detached_timeout_seconds = 1).await;
+        let idle = running(&f, 0).await;
+        let unknown = running(&f, 0).await;
+        let error = running(&f, 0).await;
+        f.rt.set_busy(idle, Some(Busy::Idle));
+        f.rt.set_busy(error, None);
+        monitor_tick(&f.lc).await.expect("tick");
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        monitor_tick(&f.lc).await.expect("tick");
+        for nb in [idle, unknown, error] {
+            assert!(stopping(f.get(nb).await.status), "{nb}");
+            assert_eq!(f.rt.busy_queries_of(nb), 1, "{nb}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_busy_kernel_holds_a_notebook_no_longer_than_the_maximum() {
+        let f = Fixture::new(3, |s| {
+            s.control.detached_timeout_seconds = 1;
+            s.control.busy_max_seconds = 2;
+        })
+        .await;
+        let nb = running(&f, 0).await;
+        f.rt.set_busy(nb, Some(Busy::Running));
+        monitor_tick(&f.lc).await.expect("tick");
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        // First found busy now; kept for the next 2 s.
+        monitor_tick(&f.lc).await.expect("tick");
+        assert_eq!(f.get(nb).await.status, Status::Detached);
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        monitor_tick(&f.lc).await.expect("tick");
+        assert_eq!(f.get(nb).await.status, Status::Detached);
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        monitor_tick(&f.lc).await.expect("tick");
+        assert!(stopping(f.get(nb).await.status));
+        // 0: a busy kernel never holds a notebook, and the runtime is not even asked.
+        let f = Fixture::new(3, |s| {
+            s.control.detached_timeout_seconds = 1;
+            s.control.busy_max_seconds = 0;
+        })
+        .await;
+        let nb = running(&f, 0).await;
+        f.rt.set_busy(nb, Some(Busy::Running));
+        monitor_tick(&f.lc).await.expect("tick");
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        monitor_tick(&f.lc).await.expect("tick");
+        assert!(stopping(f.get(nb).await.status));
+        assert_eq!(f.rt.busy_queries_of(nb), 0);
+    }
+
     async fn record_ping(f: &Fixture, id: Id) -> bool {
         f.lc.record_ping(id).await.expect("ping")
     }
@@ -413,11 +702,14 @@ mod tests {
         let batch = marina_config::wire::ActivityBatch {
             edge_id: "edge-a".into(),
             sent_at_ms: now_ms(),
-            notebooks: vec![marina_config::wire::NotebookActivity {
+            activity: vec![marina_config::wire::MemberActivity {
                 notebook_id: id,
                 session_id: session,
+                member_id: Id::random(),
+                mode: marina_config::wire::AccessMode::View,
                 last_active_ms: None,
-                open_websockets: 1,
+                open_sockets: 1,
+                open_since_ms: Some(now_ms()),
             }],
         };
         f.lc.record_activity(&batch).await.expect("activity");

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use marina_config::{Id, Settings};
-use marina_runtime::{Endpoint, Expected, Health, Runtime, RuntimeError, StartSpec};
+use marina_runtime::{Busy, Endpoint, Expected, Health, Runtime, RuntimeError, StartSpec};
 use tokio::sync::Notify;
 
 use super::Lifecycle;
@@ -45,6 +45,10 @@ pub(super) struct FakeRuntime {
     /// The ids of each reconcile call's `expected`.
     pub reconciled: Mutex<Vec<Vec<Id>>>,
     running: Mutex<HashMap<Id, Endpoint>>,
+    /// What `kernel_busy` answers per notebook (`Unknown` when not set); `None`: an error.
+    busy: Mutex<HashMap<Id, Option<Busy>>>,
+    /// Every `kernel_busy` call.
+    pub busy_queries: Mutex<Vec<Id>>,
 }
 
 impl FakeRuntime {
@@ -64,6 +68,20 @@ impl FakeRuntime {
     /// Forgets `id` without a stop (its servers vanished).
     pub fn vanish(&self, id: Id) {
         self.running.lock().unwrap().remove(&id);
+    }
+
+    /// What `kernel_busy` answers for `id` from now on; `None`: a backend error.
+    pub fn set_busy(&self, id: Id, answer: Option<Busy>) {
+        self.busy.lock().unwrap().insert(id, answer);
+    }
+
+    pub fn busy_queries_of(&self, id: Id) -> usize {
+        self.busy_queries
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|n| **n == id)
+            .count()
     }
 
     pub fn attempts_of(&self, id: Id) -> Vec<u32> {
@@ -142,6 +160,15 @@ impl Runtime for FakeRuntime {
         } else {
             Health::Missing
         })
+    }
+
+    async fn kernel_busy(&self, id: Id) -> Result<Busy, RuntimeError> {
+        self.busy_queries.lock().unwrap().push(id);
+        match self.busy.lock().unwrap().get(&id).copied() {
+            None => Ok(Busy::Unknown),
+            Some(Some(b)) => Ok(b),
+            Some(None) => Err(RuntimeError::Backend("the backend is down".into())),
+        }
     }
 
     async fn reconcile(&self, expected: &[Expected]) -> Result<Vec<Id>, RuntimeError> {

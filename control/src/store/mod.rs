@@ -228,6 +228,25 @@ CREATE INDEX route_changes_at ON route_changes (at);
 ALTER TABLE route_version ADD COLUMN pruned_through BIGINT NOT NULL DEFAULT 0;
 UPDATE route_version SET pruned_through = version
 "#,
+    // 4: activity per member (store/edges.rs): each edge's open sockets and latest activity per
+    // notebook run and member, for the monitor (summed) and presence (per member). What was
+    // there is per notebook and refreshed by every edge within seconds, so it is not carried.
+    r#"
+DROP TABLE edge_connections;
+CREATE TABLE edge_connections (
+    edge_id TEXT NOT NULL,
+    notebook_id TEXT NOT NULL,
+    member_id TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    mode TEXT NOT NULL,
+    open_sockets BIGINT NOT NULL,
+    open_since BIGINT,
+    last_active_at BIGINT,
+    seen_at BIGINT NOT NULL,
+    PRIMARY KEY (edge_id, notebook_id, member_id)
+);
+CREATE INDEX edge_connections_notebook ON edge_connections (notebook_id)
+"#,
 ];
 
 // === impl Db ===

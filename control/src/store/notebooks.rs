@@ -541,9 +541,10 @@ pub async fn up_for_monitor(db: &Db, edges_seen_since: i64) -> Result<Vec<UpNote
     let rows = sqlx::query(&format!(
         "SELECT n.id, n.status, n.session_id, n.idle_timeout_seconds, n.last_active_at,
             n.last_ping_at, n.running_since, n.detached_since,
-            (SELECT CAST(COALESCE(SUM(c.open_websockets), 0) AS BIGINT)
+            (SELECT CAST(COALESCE(SUM(c.open_sockets), 0) AS BIGINT)
                FROM edge_connections c JOIN edges e ON e.edge_id = c.edge_id
-              WHERE c.notebook_id = n.id AND e.last_seen_at >= $1) AS websockets
+              WHERE c.notebook_id = n.id AND c.session_id = n.session_id
+                AND e.last_seen_at >= $1) AS websockets
          FROM notebooks n WHERE n.status IN {UP_STATES}"
     ))
     .bind(edges_seen_since)

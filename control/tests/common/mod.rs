@@ -573,14 +573,22 @@ impl Harness {
     }
 
     /// Reports one edge's activity.
-    pub async fn activity(&self, edge: &str, entries: Value) -> StatusCode {
+    /// Posts an activity batch as edge `edge`. Entries without `memberId` are one viewer's
+    /// (`M000000000`), for tests about notebooks rather than people.
+    pub async fn activity(&self, edge: &str, mut entries: Value) -> StatusCode {
+        for e in entries.as_array_mut().into_iter().flatten() {
+            if e.get("memberId").is_none() {
+                e["memberId"] = json!("M000000000");
+                e["mode"] = json!("view");
+            }
+        }
         let token = self.internal_token();
         let (s, v) = self
             .call(
                 Method::POST,
                 "/internal/v1/activity",
                 Some(&token),
-                Some(json!({"edgeId": edge, "sentAtMs": now_ms(), "notebooks": entries})),
+                Some(json!({"edgeId": edge, "sentAtMs": now_ms(), "activity": entries})),
             )
             .await;
         assert_eq!(s, StatusCode::NO_CONTENT, "{v}");

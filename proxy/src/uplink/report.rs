@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use marina_config::wire::{ActivityBatch, NotebookActivity, INTERNAL_PREFIX};
+use marina_config::wire::{AccessMode, ActivityBatch, MemberActivity, INTERNAL_PREFIX};
 use marina_config::Id;
 
 use crate::activity::now_ms;
@@ -16,28 +16,35 @@ use crate::route::RouteTable;
 
 use super::client::ControlClient;
 
+/// Activity a failed batch carried, by (notebook, session, member), with the member's mode.
+type Unsent = HashMap<(Id, Id, Id), (AccessMode, i64)>;
+
 /// Cuts a batch from the route table, merging in what could not be sent before.
-fn cut_batch(
-    routes: &RouteTable,
-    unsent: &mut HashMap<(Id, Id), i64>,
-    edge_id: &str,
-) -> ActivityBatch {
+fn cut_batch(routes: &RouteTable, unsent: &mut Unsent, edge_id: &str) -> ActivityBatch {
     let table = routes.load();
-    let mut notebooks = Vec::new();
+    let mut activity = Vec::new();
     for entry in table.by_id.values() {
-        let (last, open) = entry.activity.cut();
-        let key = (entry.route.notebook_id, entry.route.session_id);
-        let last = match (last, unsent.remove(&key)) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            (a, b) => a.or(b),
-        };
-        if last.is_some() || open > 0 {
-            notebooks.push(NotebookActivity {
-                notebook_id: key.0,
-                session_id: key.1,
-                last_active_ms: last,
-                open_websockets: open,
-            });
+        let (notebook_id, session_id) = (entry.route.notebook_id, entry.route.session_id);
+        for m in entry.activity.members().iter() {
+            let cut = m.cut();
+            let last = match (
+                cut.last_active_ms,
+                unsent.remove(&(notebook_id, session_id, m.member)),
+            ) {
+                (Some(a), Some((_, b))) => Some(a.max(b)),
+                (a, b) => a.or(b.map(|(_, t)| t)),
+            };
+            if last.is_some() || cut.open_streams > 0 {
+                activity.push(MemberActivity {
+                    notebook_id,
+                    session_id,
+                    member_id: m.member,
+                    mode: m.mode,
+                    last_active_ms: last,
+                    open_sockets: cut.open_streams,
+                    open_since_ms: cut.open_since_ms,
+                });
+            }
         }
     }
     // Activity of notebooks no longer routed is dropped: they were stopped.
@@ -45,7 +52,7 @@ fn cut_batch(
     ActivityBatch {
         edge_id: edge_id.to_owned(),
         sent_at_ms: now_ms(),
-        notebooks,
+        activity,
     }
 }
 
@@ -57,7 +64,7 @@ pub async fn report_loop(
     interval: Duration,
     metrics: &'static Metrics,
 ) {
-    let mut unsent: HashMap<(Id, Id), i64> = HashMap::new();
+    let mut unsent = Unsent::new();
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let path = format!("{INTERNAL_PREFIX}/activity");
@@ -80,9 +87,9 @@ pub async fn report_loop(
                         tracing::debug!(error = %e, "activity report failed; kept for the next try")
                     }
                 }
-                for n in batch.notebooks {
-                    if let Some(t) = n.last_active_ms {
-                        unsent.insert((n.notebook_id, n.session_id), t);
+                for a in batch.activity {
+                    if let Some(t) = a.last_active_ms {
+                        unsent.insert((a.notebook_id, a.session_id, a.member_id), (a.mode, t));
                     }
                 }
             }
@@ -110,7 +117,7 @@ mod tests {
     }
 
     #[test]
-    fn batches_carry_activity_once_and_keep_unsent() {
+    fn batches_carry_activity_per_member_once_and_keep_unsent() {
         let m: &'static Metrics = Box::leak(Box::new(Metrics::new()));
         let t = RouteTable::new(m, crate::route::tests::path_addressing());
         t.apply(RoutesSnapshot {
@@ -120,20 +127,35 @@ mod tests {
         })
         .unwrap();
         let a = t.get(Id::parse("AAAAAAAAAA").unwrap()).unwrap();
-        a.activity.touch();
-        let mut unsent = HashMap::new();
+        let (owner, viewer) = (a.route.owner_id, Id::parse("VIEWER0000").unwrap());
+        a.activity.touch(owner, AccessMode::Edit);
+        a.activity.touch(viewer, AccessMode::View);
+        let mut unsent = Unsent::new();
         let b = cut_batch(&t, &mut unsent, "e");
-        assert_eq!(b.notebooks.len(), 1);
-        assert!(b.notebooks[0].last_active_ms.is_some());
+        assert_eq!(b.activity.len(), 2, "one entry per member: {b:?}");
+        let of =
+            |b: &ActivityBatch, who: Id| b.activity.iter().find(|x| x.member_id == who).cloned();
+        let o = of(&b, owner).unwrap();
+        assert_eq!((o.mode, o.open_sockets), (AccessMode::Edit, 0));
+        assert!(o.last_active_ms.is_some());
+        assert_eq!(of(&b, viewer).unwrap().mode, AccessMode::View);
         // Nothing new: the next batch is empty.
-        assert!(cut_batch(&t, &mut unsent, "e").notebooks.is_empty());
+        assert!(cut_batch(&t, &mut unsent, "e").activity.is_empty());
         // A failed batch is merged into the next.
-        unsent.insert((a.route.notebook_id, a.route.session_id), 1234);
+        unsent.insert(
+            (a.route.notebook_id, a.route.session_id, viewer),
+            (AccessMode::View, 1234),
+        );
         let b = cut_batch(&t, &mut unsent, "e");
-        assert_eq!(b.notebooks[0].last_active_ms, Some(1234));
-        // Open streams are reported without activity, and activity survives a snapshot that
+        assert_eq!(b.activity.len(), 1);
+        assert_eq!(b.activity[0].last_active_ms, Some(1234));
+        assert_eq!(b.activity[0].member_id, viewer);
+        // Open streams are reported without activity, and activity survives a feed change that
         // keeps the same session.
-        let g = a.activity.open_stream(&m.websockets_open);
+        let g = a
+            .activity
+            .member(viewer, AccessMode::View)
+            .open_stream(&m.websockets_open);
         t.apply(RoutesSnapshot {
             version: 2,
             routes: vec![route("AAAAAAAAAA")],
@@ -141,9 +163,14 @@ mod tests {
         })
         .unwrap();
         let b = cut_batch(&t, &mut unsent, "e");
-        assert_eq!(b.notebooks[0].open_websockets, 1);
-        assert_eq!(b.notebooks[0].last_active_ms, None);
+        assert_eq!(b.activity.len(), 1);
+        let v = &b.activity[0];
+        assert_eq!(
+            (v.member_id, v.open_sockets, v.last_active_ms),
+            (viewer, 1, None)
+        );
+        assert!(v.open_since_ms.is_some());
         drop(g);
-        assert!(cut_batch(&t, &mut unsent, "e").notebooks.is_empty());
+        assert!(cut_batch(&t, &mut unsent, "e").activity.is_empty());
     }
 }

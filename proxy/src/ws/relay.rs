@@ -13,7 +13,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use tokio::sync::watch;
 
-use crate::activity::{Activity, StreamGuard};
+use crate::activity::{MemberActivity, StreamGuard};
 use crate::authenticate::{Authenticator, Identity};
 use crate::metrics::Metrics;
 use crate::route::RouteTable;
@@ -41,7 +41,7 @@ pub struct WsConfig {
 /// What the relay task needs to know about its socket.
 pub struct RelayCtx {
     pub identity: Identity,
-    pub activity: Arc<Activity>,
+    pub activity: Arc<MemberActivity>,
     pub guard: StreamGuard,
     pub routes: Arc<RouteTable>,
     pub shutdown: watch::Receiver<bool>,
@@ -193,7 +193,7 @@ struct Relay<B, U> {
     down: Pipe,
     max_message: u64,
     last_browser_rx: Instant,
-    activity: Arc<Activity>,
+    activity: Arc<MemberActivity>,
     metrics: &'static Metrics,
 }
 
@@ -312,7 +312,7 @@ enum PipeEnd {
 
 struct Hooks<'a> {
     last_rx: Option<&'a mut Instant>,
-    activity: Option<&'a Arc<Activity>>,
+    activity: Option<&'a Arc<MemberActivity>>,
     bytes: &'a prometheus::IntCounter,
     /// The opposite pipe, to ask it to carry a close frame.
     peer_close: &'a mut Pipe,

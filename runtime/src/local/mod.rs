@@ -1012,6 +1012,21 @@ impl Runtime for LocalRuntime {
         }
     }
 
+    async fn kernel_busy(&self, notebook_id: Id) -> Result<crate::Busy, RuntimeError> {
+        let Some(record) = self.record(notebook_id) else {
+            return Ok(crate::Busy::Unknown);
+        };
+        let Some(m) = record.marimo.as_ref() else {
+            return Ok(crate::Busy::Unknown);
+        };
+        let base = format!(
+            "http://{}{}",
+            host_port(&record.host, m.port),
+            record.base_url.as_deref().unwrap_or("")
+        );
+        crate::kernel::kernel_busy_at(&self.http, &base, &record.token).await
+    }
+
     async fn reconcile(&self, expected: &[Expected]) -> Result<Vec<Id>, RuntimeError> {
         let entries = match std::fs::read_dir(&self.notebooks_dir) {
             Ok(e) => e,
